@@ -1,0 +1,66 @@
+"""Offline fixtures for tests, benchmarks and demos: a tiny byte-level BPE tokenizer in GPT-2's
+file format and random-weight GPT-2 checkpoints in the HF layout. No network is used."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from plateau_jax.config import GPT2Config
+from plateau_jax.model import GPT2, init_model
+
+# Enough text that the study's endings (" big", " in", " large", ...) become single tokens.
+_WORDS = ("The house was big . The house was in the city . The house was large and old . "
+          "A dog was small . The car was red and fast . It is in the box . The man was tall . "
+          "She was happy . They were here and there . The sky is blue . The cat sat on the mat . ")
+TINY_CORPUS = [_WORDS * 20]
+
+
+def make_tokenizer(directory: str, vocab_size: int = 400):
+    """Trains a byte-level BPE on :data:`TINY_CORPUS`, saves ``vocab.json``/``merges.txt`` (+
+    tokenizer config) in ``directory`` and returns it loaded as a transformers tokenizer."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TINY_CORPUS, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(directory)
+    special = "<|endoftext|>"
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": special, "eos_token": special,
+                   "unk_token": special, "add_prefix_space": False}, f)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def tiny_config(**overrides) -> GPT2Config:
+    """A 3-layer, d_model 32 config sized for the tiny tokenizer (vocab 400)."""
+    kw = dict(vocab_size=400, n_positions=64, n_embd=32, n_layer=3, n_head=4, n_inner=48)
+    kw.update(overrides)
+    return GPT2Config(**kw)
+
+
+def make_checkpoint(directory: str, config: Optional[GPT2Config] = None, seed: int = 0,
+                    tokenizer=None, scale: float = 1.0) -> GPT2:
+    """Writes a random-weight checkpoint (config.json, model.safetensors, tokenizer files).
+
+    ``scale`` multiplies every weight matrix's init (larger values give sharper, more
+    plateau-like nonlinear responses in random models). Returns the model as written.
+    """
+    import jax
+
+    from plateau_jax.loading import save_gpt2
+
+    config = config or tiny_config()
+    if tokenizer is None:
+        tokenizer = make_tokenizer(directory, vocab_size=config.vocab_size)
+    model = init_model(config, seed=seed, tokenizer=tokenizer)
+    if scale != 1.0:
+        model = model.replace(params=jax.tree_util.tree_map_with_path(
+            lambda path, a: a * scale if getattr(path[-1], "key", "") == "weight" and a.ndim == 2
+            else a, model.params))
+    save_gpt2(model, directory)
+    return model
