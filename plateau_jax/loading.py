@@ -30,8 +30,10 @@ TOKENIZER_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json",
                 "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-# Named models resolved offline: name -> directory (filled by packages that ship models).
+# Named models resolved offline: name -> directory (models shipped inside this package).
 LOCAL_MODELS: Dict[str, str] = {}
+# The model scripts use when none is given.
+DEFAULT_MODEL = "tiny-plateau"
 
 
 class CheckpointError(ValueError):

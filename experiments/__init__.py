@@ -1,0 +1,1 @@
+"""Experiment scripts: thin absl mains over plateau_jax (run as ``python -m experiments.<name>``)."""

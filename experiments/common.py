@@ -1,0 +1,56 @@
+"""Flags and set-up shared by every experiment script."""
+
+from __future__ import annotations
+
+import logging
+
+from absl import flags
+
+import plateau_jax
+from plateau_jax import io
+from plateau_jax.loading import DEFAULT_MODEL
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags():
+    """--model, --dtype, --ln_mode, --center_writing_weights, --allow_pickle, --output_dir."""
+    flags.DEFINE_string("model", DEFAULT_MODEL,
+                        "Hub id (gpt2, gpt2-large, ...), local checkpoint directory, or shipped name.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Params/compute dtype.")
+    flags.DEFINE_enum("ln_mode", "auto", ["auto", "normal", "identity"],
+                      "LayerNorm handling; auto = identity for LayerNorm-free checkpoints.")
+    flags.DEFINE_bool("center_writing_weights", False,
+                      "TransformerLens' weight centring (the study's residual numbers carry it).")
+    flags.DEFINE_bool("allow_pickle", False, "Accept pickle-only (pytorch_model.bin) checkpoints.")
+    flags.DEFINE_string("output_dir", None, "Directory for config.json, results and figures.")
+    flags.mark_flag_as_required("output_dir")
+
+
+def load_model_from_flags() -> plateau_jax.GPT2:
+    logging.info("Loading %s", FLAGS.model)
+    return plateau_jax.load_gpt2(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
+                                 center_writing_weights=FLAGS.center_writing_weights,
+                                 allow_pickle=FLAGS.allow_pickle)
+
+
+def resolved_flags(module_names=None) -> dict:
+    """Every flag defined by the experiment modules (and common), name -> value."""
+    out = {}
+    for module, fl in FLAGS.flags_by_module_dict().items():
+        if module_names is None and not module.startswith(("experiments", "__main__")):
+            continue
+        if module_names is not None and module not in module_names:
+            continue
+        out.update({f.name: f.value for f in fl})
+    return dict(sorted(out.items()))
+
+
+def start_run(model: plateau_jax.GPT2) -> str:
+    """Prepares the output directory and writes config.json (flags + model + versions)."""
+    out = io.prepare_output_dir(FLAGS.output_dir)
+    resolved = resolved_flags()
+    resolved["model_config"] = model.config.__dict__
+    path = io.write_config(out, resolved)
+    logging.info("Resolved config written to %s: %s", path, resolved)
+    return out
