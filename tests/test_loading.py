@@ -1,0 +1,226 @@
+"""Loader: naming variants, sharding, LN-free, weight centring, the hub cache path, pickle opt-in,
+and every bad input's error."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import plateau_jax
+from plateau_jax import CheckpointError, UnsupportedConfigError
+from conftest import random_ids, to_numpy, torch_gpt2
+
+KW = dict(vocab_size=50, n_positions=12, n_embd=16, n_layer=2, n_head=2, n_inner=20)
+
+
+def _write(directory, state, config_kwargs, extra_config=None):
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, f"{directory}/model.safetensors")
+    cfg = {"model_type": "gpt2", **config_kwargs, **(extra_config or {})}
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(cfg, f)
+
+
+def _ref_logits(ref, ids):
+    with torch.no_grad():
+        return to_numpy(ref(torch.tensor(ids, dtype=torch.long)).logits)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch_gpt2(KW, seed=11)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return random_ids(KW["vocab_size"], (2, 7), seed=3)
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_naming_variants_load_identically(tmp_path, ref, ids):
+    full = ref.state_dict()
+    variants = {
+        # transformers' own save: prefixed keys, tied lm_head omitted.
+        "prefixed": {k: v for k, v in full.items() if k != "lm_head.weight"},
+        "bare": {k.removeprefix("transformer."): v for k, v in full.items() if k != "lm_head.weight"},
+        # old checkpoints: causal-mask buffers and an explicit (tied) lm_head.
+        "buffers_and_lm_head": {**full, **{f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 12, 12)
+                                           for i in range(2)},
+                                **{f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4)
+                                   for i in range(2)}},
+    }
+    want = _ref_logits(ref, ids)
+    loaded = []
+    for name, state in variants.items():
+        _write(tmp_path / name, state, KW)
+        m = plateau_jax.load_gpt2(str(tmp_path / name), require_tokenizer=False)
+        logits, _ = plateau_jax.forward(m, ids)
+        assert np.abs(np.asarray(logits) - want).max() <= 1e-4, name
+        loaded.append(m.params)
+    assert all(_tree_equal(loaded[0], p) for p in loaded[1:])
+
+
+def test_sharded_safetensors(tmp_path, ref, ids):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for fname, ks in shards.items():
+        save_file({k: state[k] for k in ks}, tmp_path / fname)
+        weight_map.update({k: fname for k in ks})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    m = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+    assert np.abs(np.asarray(plateau_jax.forward(m, ids)[0]) - _ref_logits(ref, ids)).max() <= 1e-4
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="model-00002-of-00002"):
+        plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+
+
+def test_untied_lm_head(tmp_path, ids):
+    ref = torch_gpt2({**KW, "tie_word_embeddings": False}, seed=4)
+    _write(tmp_path, ref.state_dict(), {**KW, "tie_word_embeddings": False})
+    m = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+    assert not np.array_equal(m.params["lm_head"]["weight"], m.params["wte"]["weight"])
+    assert np.abs(np.asarray(plateau_jax.forward(m, ids)[0]) - _ref_logits(ref, ids)).max() <= 1e-4
+
+
+def test_layernorm_free_checkpoint_loads_with_identity_layernorms(tmp_path, ids):
+    """LN-free checkpoints (huge eps, LN weight 1e6) load with every LayerNorm as the identity,
+    which equals the PyTorch model with its LayerNorms replaced by nn.Identity."""
+    kw = {**KW, "layer_norm_epsilon": 1e12}
+    ref = torch_gpt2(kw, seed=6)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".ln_" in name or "ln_f" in name:
+                p.fill_(1e6 if name.endswith("weight") else 0.0)
+    _write(tmp_path, {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, kw)
+    m = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+    assert m.config.ln_mode == "identity"
+    for blk in ref.transformer.h:
+        blk.ln_1, blk.ln_2 = torch.nn.Identity(), torch.nn.Identity()
+    ref.transformer.ln_f = torch.nn.Identity()
+    want = _ref_logits(ref, ids)
+    got = np.asarray(plateau_jax.forward(m, ids)[0])
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    normal = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="normal")
+    assert normal.config.ln_mode == "normal"
+
+
+def test_center_writing_weights(tmp_path, ref, ids):
+    _write(tmp_path, {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, KW)
+    plain = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+    centred = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, center_writing_weights=True)
+    sites = [f"blocks.{i}.{s}" for i in range(2) for s in
+             ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_pre", "ln2.hook_normalized")]
+    lp, cp = plateau_jax.forward(plain, ids, sites=sites)
+    lc, cc = plateau_jax.forward(centred, ids, sites=sites)
+    np.testing.assert_allclose(lc, lp, atol=1e-4)  # logits unchanged
+    for s in sites:
+        a, b = np.asarray(cp[s]), np.asarray(cc[s])
+        if "resid" in s or s.endswith("_out"):  # writes are mean-free: original minus its mean
+            np.testing.assert_allclose(b, a - a.mean(-1, keepdims=True), atol=1e-4, err_msg=s)
+            assert np.abs(b.mean(-1)).max() < 1e-5
+        else:  # LayerNorm outputs and what follows them are unchanged
+            np.testing.assert_allclose(b, a, atol=1e-4, err_msg=s)
+    # plain params untouched, the unembedding keeps the uncentred embedding
+    np.testing.assert_array_equal(centred.params["lm_head"]["weight"], plain.params["wte"]["weight"])
+
+
+def _hub_cache(tmp_path, src, repo="test-org/tiny-gpt2"):
+    """An HF hub cache holding ``repo`` (refs/main -> one snapshot), as huggingface_hub lays it out."""
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+    shutil.copytree(src, snap)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir(parents=True)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(sha)
+    return str(cache), repo
+
+
+def test_hub_id_resolves_from_local_cache(tmp_path, tiny_dir, tiny_model):
+    cache, repo = _hub_cache(tmp_path, tiny_dir)
+    m = plateau_jax.load_gpt2(repo, cache_dir=cache, local_files_only=True)
+    assert _tree_equal(m.params, tiny_model.params)
+    assert m.tokenizer("The house was big")["input_ids"] == \
+        tiny_model.tokenizer("The house was big")["input_ids"]
+    with pytest.raises(CheckpointError, match="local directory"):
+        plateau_jax.load_gpt2("test-org/not-cached", cache_dir=cache, local_files_only=True)
+
+
+def test_pickle_only_checkpoint_needs_opt_in(tmp_path, ref, ids):
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
+    m = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, allow_pickle=True)
+    assert np.abs(np.asarray(plateau_jax.forward(m, ids)[0]) - _ref_logits(ref, ids)).max() <= 1e-4
+
+
+def test_pickle_reader_refuses_arbitrary_globals(tmp_path):
+    torch.save({"w": torch.ones(2), "evil": os.getcwd}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    with pytest.raises(Exception, match="refusing to load"):
+        plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, allow_pickle=True)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, ref):
+    with pytest.raises(CheckpointError, match="No such model directory"):
+        plateau_jax.load_gpt2(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="not a valid hub id|No such model"):
+        plateau_jax.load_gpt2("not a model name!")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        plateau_jax.load_gpt2(str(empty))
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        plateau_jax.load_gpt2(str(empty))
+    _write(tmp_path / "notok", {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, KW)
+    with pytest.raises(CheckpointError, match="vocab.json"):
+        plateau_jax.load_gpt2(str(tmp_path / "notok"))
+    with pytest.raises(ValueError, match="Unsupported dtype"):
+        plateau_jax.load_gpt2(tiny_dir, dtype="int8")
+    wrong = tmp_path / "wrong"
+    _write(wrong, {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"},
+           {**KW, "n_inner": 24})
+    with pytest.raises(CheckpointError, match="shape"):
+        plateau_jax.load_gpt2(str(wrong), require_tokenizer=False)
+
+
+def test_unsupported_config_lists_every_feature(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", **KW, "scale_attn_by_inverse_layer_idx": True,
+        "reorder_and_upcast_attn": True, "add_cross_attention": True, "activation_function": "relu"}))
+    with pytest.raises(UnsupportedConfigError) as e:
+        plateau_jax.load_gpt2(str(tmp_path))
+    for feature in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                    "add_cross_attention", "activation_function='relu'"):
+        assert feature in str(e.value)
+
+
+def test_presets_match_released_sizes():
+    large = plateau_jax.GPT2Config.preset("gpt2-large")
+    assert (large.n_layer, large.n_embd, large.n_head, large.n_inner) == (36, 1280, 20, 5120)
+    xl = plateau_jax.GPT2Config.preset("gpt2-xl")
+    assert (xl.n_layer, xl.n_embd, xl.d_head) == (48, 1600, 64)
+    shapes = plateau_jax.abstract_params(plateau_jax.GPT2Config.preset("gpt2"))
+    n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    assert n == 124_439_808  # GPT-2 small's parameter count (tied embeddings)
+
+
+def test_save_load_roundtrip(tmp_path, tiny_model):
+    plateau_jax.save_gpt2(tiny_model, str(tmp_path))
+    again = plateau_jax.load_gpt2(str(tmp_path))
+    assert _tree_equal(again.params, tiny_model.params)
+    assert again.config == tiny_model.config
