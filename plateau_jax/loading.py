@@ -113,16 +113,39 @@ def _weight_files(directory: str, allow_pickle: bool) -> Tuple[str, list]:
     raise _missing_files_error(directory, ["model.safetensors"])
 
 
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def _iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """Reads one tensor at a time with plain file reads (no mmap), so that host memory holds at
+    most one tensor beyond what has already been moved to the device."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "BF16" \
+                else np.dtype(_ST_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            arr = np.empty(info["shape"], dtype)
+            f.seek(base + start)
+            if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != end - start:
+                raise CheckpointError(f"{path}: truncated data for tensor {key!r}.")
+            yield key, arr
+
+
 def _iter_tensors(kind: str, files) -> Iterator[Tuple[str, np.ndarray]]:
     if kind == "pickle":
         from plateau_jax.pickle_weights import load_torch_state_dict
         yield from load_torch_state_dict(files[0]).items()
         return
-    from safetensors import safe_open
     for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        yield from _iter_safetensors(path)
 
 
 def _normalise_key(key: str) -> Optional[str]:
@@ -170,7 +193,7 @@ def load_params(directory: str, config: GPT2Config, dtype="float32", allow_pickl
             raise CheckpointError(
                 f"{directory}: tensor {key!r} has shape {tuple(arr.shape)}, but config.json implies "
                 f"{tuple(expected[name].shape)}.")
-        loaded[name] = jax.device_put(np.asarray(arr).astype(dt))
+        loaded[name] = jax.device_put(arr.astype(dt, copy=False))
         del arr
     missing = sorted(set(expected) - set(loaded))
     if missing:
