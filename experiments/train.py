@@ -53,6 +53,11 @@ flags.DEFINE_integer("log_every", 50, "Log training loss every this many steps."
 flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16"],
                   "Storage dtype of the saved weights.")
 flags.DEFINE_float("max_minutes", None, "Stop early (and save) after this many minutes.")
+flags.DEFINE_string("package_to", None,
+                    "After training, copy the final checkpoint with a held-out text sample, the "
+                    "corpus licence and the training summary into this directory (e.g. "
+                    "plateau_jax/models/tiny-plateau, the shipped model).")
+flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
 
 
 def _decay_mask(params):
@@ -94,7 +99,7 @@ def make_train_step(config, optimizer):
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, config, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         return optax.apply_updates(params, updates), opt_state, loss, gnorm
 
     return step
@@ -119,11 +124,12 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
           batch_size=32, steps=3000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=200,
           weight_decay=0.1, clip_norm=1.0, beta2=0.99, seed=0, save_steps=(0,), eval_every=250,
           eval_windows=64, log_every=50, save_dtype="float32", max_minutes=None,
-          texts=None, flags_record=None) -> dict:
+          texts=None, flags_record=None, return_model=False):
     """The training run behind ``python -m experiments.train`` (see module doc).
 
     ``texts``: optional ``(train_texts, heldout_texts)`` to use instead of the corpus (tests).
-    Returns the summary dict (also written to ``output_dir/summary.json``).
+    Returns the summary dict (also written to ``output_dir/summary.json``), and the trained
+    float32 model too when ``return_model``.
     """
     import jax
     import numpy as np
@@ -242,7 +248,40 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     io.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
     metrics.close()
     logging.info("Done: %s", summary)
-    return summary
+    return (summary, model.replace(params=params)) if return_model else summary
+
+
+SHIPPED_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "tokenizer.json")
+
+
+def package(run_dir: str, dest: str, corpus_dir=None, heldout_per_mille: int = 20,
+            sample_chars: int = 30000) -> str:
+    """Copies ``run_dir/final`` into ``dest`` for shipping, with ``heldout_sample.txt`` (held-out
+    documents the model never saw, one per line), ``LICENSE-WordNet.txt`` and
+    ``training_summary.json`` (summary + metrics). Returns ``dest``."""
+    from plateau_jax import data, io
+
+    src = os.path.join(run_dir, "final")
+    os.makedirs(dest, exist_ok=True)
+    for f in SHIPPED_FILES:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dest, f))
+    docs = data.load_documents(corpus_dir)
+    _, held = data.split_documents(docs, heldout_per_mille, seed=0)
+    sample = data.heldout_sample(held, sample_chars)
+    io.atomic_write_bytes(os.path.join(dest, "heldout_sample.txt"),
+                          ("\n".join(sample) + "\n").encode())
+    io.atomic_write_bytes(os.path.join(dest, "LICENSE-WordNet.txt"), data.WORDNET_LICENSE.encode())
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        summary["metrics"] = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        summary["run_config"] = json.load(f)
+    io.atomic_write_json(os.path.join(dest, "training_summary.json"), summary)
+    logging.info("Packaged %s into %s", src, dest)
+    return dest
 
 
 def main(argv):
@@ -258,7 +297,10 @@ def main(argv):
     kw["save_steps"] = [int(s) for s in FLAGS.save_steps]
     from plateau_jax.data import CorpusNotFoundError
     try:
-        train(flags_record=dict(kw), **kw)
+        if not FLAGS.package_only:
+            train(flags_record=dict(kw), **kw)
+        if FLAGS.package_to:
+            package(FLAGS.output_dir, FLAGS.package_to, FLAGS.corpus_dir, FLAGS.heldout_per_mille)
     except CorpusNotFoundError as e:
         raise app.UsageError(str(e)) from e
 
