@@ -42,8 +42,8 @@ flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run
 flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
 flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
                   "Shared contexts.")
-flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:empty,red:built,"
-                    "cold:dark", "Ending pairs A:B (each one token after the context).")
+flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
+                    "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
 flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
 flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
 flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")

@@ -76,10 +76,12 @@ def test_heldout_loss_beats_random_init_and_unigram(model, summary):
     trained = _heldout_loss(model, windows)
     rand = _heldout_loss(plateau_jax.init_model(model.config, seed=0), windows)
     assert rand == pytest.approx(np.log(model.config.vocab_size), abs=0.3)
-    # Measured on this sample at release: see docs/training.md.
+    # Measured on this sample at release (docs/training.md): trained 4.99, random init 8.35
+    # nats/token; on the full held-out split: trained 4.99, unigram 6.72, random init 8.35.
+    assert trained == pytest.approx(4.99, abs=0.02)
     assert trained < rand - 3.0
     assert trained < summary["unigram_loss"] - 1.5
-    assert trained == pytest.approx(summary["final_loss"], abs=0.25)
+    assert trained == pytest.approx(summary["final_loss"], abs=0.1)
 
 
 def test_predicts_sensible_continuations(model):
