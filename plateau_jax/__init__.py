@@ -17,5 +17,6 @@ from plateau_jax.loading import (CheckpointError, apply_center_writing_weights, 
 from plateau_jax.model import GPT2, abstract_params, init_model
 from plateau_jax.modules import GPT2LMHead, Hooks, gelu_new
 from plateau_jax.sites import UnknownSiteError, all_sites, site
+from plateau_jax import shipped as _shipped  # registers the shipped models (tiny-plateau)
 
 __version__ = "0.1.0"

@@ -1,0 +1,304 @@
+r"""Emergence of plateaus during training: sharpness S and MLP-Jacobian-peak / boundary alignment
+at each saved checkpoint of a training run (initialisation included).
+
+    python -m experiments.emergence --run_dir=runs/tiny-plateau --output_dir=runs/emergence
+
+For every checkpoint ``run_dir/checkpoints/step_*`` (or the directories in --checkpoints) and
+every prompt pair (each context of --contexts with each pair of --pairs):
+
+1. a, b = ``blocks.{layer}.hook_resid_post`` at the last position of context + ending A / B;
+2. x(alpha) = path(a, b, alpha) on ``alpha = linspace(0, 1, n_steps)`` (slerp with norm
+   rescaling by default), fed in at the last position with :func:`plateau_jax.continue_from`;
+3. r(alpha) = |y - y0| / (|y - y0| + |y - y1|) of the logits y, sharpness
+   S = max_k (r_{k+1} - r_k) / (alpha_{k+1} - alpha_k) (1 for a straight line), and the
+   boundary alpha* = midpoint of the step where r jumps most;
+4. for each later layer i, the Frobenius norm of the MLP Jacobian d mlp_out / d resid_mid
+   (ln_2 included; ``jax.jacfwd``) at the recorded resid_mid(alpha); its peak alpha and the
+   distance |alpha_peak - alpha*| (alignment: 0 = the Jacobian peaks at the boundary), and the
+   peak's contrast max / median over alpha.
+
+Writes ``results.json`` (every curve and number), ``summary.json`` (per-checkpoint medians and
+IQRs over pairs) and ``emergence.png``.
+
+The metric helpers here (``relative_distance``, ``sharpness``, ``mlp_jacobian_norms``) are
+private stand-ins; the library's ``plateau_jax.metrics`` / ``plateau_jax.jacobians`` should
+replace them once they land.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
+flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
+flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
+flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
+                  "Shared contexts.")
+flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
+                    "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
+flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
+flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
+flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
+flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+
+
+# ----------------------------------------------------------------------------- metric helpers
+# Private stand-ins: to be replaced by plateau_jax.metrics (relative distance, sharpness) and
+# plateau_jax.jacobians (MLP Jacobian norms) once those modules land.
+
+def relative_distance(y) -> np.ndarray:
+    """r(alpha_k) = |y_k - y_0| / (|y_k - y_0| + |y_k - y_{n-1}|) for y ``[n, ...]``."""
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    d0 = np.linalg.norm(y - y[0], axis=-1)
+    d1 = np.linalg.norm(y - y[-1], axis=-1)
+    return d0 / np.maximum(d0 + d1, 1e-30)
+
+
+def sharpness(r, alpha) -> float:
+    """S = max_k (r_{k+1} - r_k) / (alpha_{k+1} - alpha_k); a straight line gives 1."""
+    r, alpha = np.asarray(r, np.float64), np.asarray(alpha, np.float64)
+    return float(np.max(np.diff(r) / np.diff(alpha)))
+
+
+def boundary_alpha(r, alpha) -> float:
+    """Midpoint of the path step where r rises the most."""
+    k = int(np.argmax(np.diff(r)))
+    return float(0.5 * (alpha[k] + alpha[k + 1]))
+
+
+def _mlp_jac_norms_impl(config, blk, xs):
+    import jax
+    import jax.numpy as jnp
+
+    from plateau_jax.modules import MLP, Hooks, LayerNorm
+
+    def f(x):  # resid_mid [d] -> mlp_out [d]
+        h = LayerNorm(config.layer_norm_epsilon, config.ln_mode).apply({"params": blk["ln_2"]}, x)
+        return MLP(config).apply({"params": blk["mlp"]}, h[None, None], Hooks(), "")[0, 0]
+
+    jac = jax.vmap(jax.jacfwd(f))(xs)
+    return jnp.sqrt(jnp.sum(jnp.square(jac), axis=(-2, -1)))
+
+
+_JITTED = {}
+
+
+def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
+    """Frobenius norms of d mlp_out / d resid_mid (ln_2 included) of ``layer`` at each row of
+    ``resid_mid`` ``[n, d]`` (``jax.jacfwd``, vmapped over rows; compiled once per config)."""
+    import jax
+    import jax.numpy as jnp
+    if "f" not in _JITTED:
+        _JITTED["f"] = jax.jit(_mlp_jac_norms_impl, static_argnums=(0,))
+    blk = model.params["h"][str(layer)]
+    return np.asarray(_JITTED["f"](model.config, blk, jnp.asarray(resid_mid, jnp.float32)))
+
+
+# ----------------------------------------------------------------------------- one pair
+
+def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
+    """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
+    import plateau_jax
+    from plateau_jax import paths
+    from plateau_jax.sites import site
+
+    cfg = model.config
+    ids = np.stack([np.append(pair.context_ids, pair.token_a),
+                    np.append(pair.context_ids, pair.token_b)]).astype(np.int32)
+    _, rec = plateau_jax.forward(model, ids, sites=[site(layer, "resid_post")])
+    ab = np.asarray(rec[site(layer, "resid_post")][:, -1])
+    xs = paths.interpolate(ab[0], ab[1], alpha, path)
+    prefix = plateau_jax.run_prefix(model, pair.context_ids)
+    later = list(range(layer + 1, cfg.n_layer))
+    logits, rec = plateau_jax.continue_from(model, prefix, xs, layer=layer,
+                                            sites=[site(i, "resid_mid") for i in later])
+    logits = np.asarray(logits)
+    r = relative_distance(logits)
+    s = sharpness(r, alpha)
+    a_star = boundary_alpha(r, alpha)
+    jac = {}
+    for i in later:
+        norms = mlp_jacobian_norms(model, i, rec[site(i, "resid_mid")])
+        peak = float(alpha[int(np.argmax(norms))])
+        jac[i] = dict(norms=norms.tolist(), peak_alpha=peak, peak_offset=abs(peak - a_star),
+                      contrast=float(norms.max() / np.median(norms)))
+    p_a = _softmax(logits[0])
+    p_b = _softmax(logits[-1])
+    return dict(label=f"{pair.context} |{pair.ending_a.strip()}->{pair.ending_b.strip()}",
+                context=pair.context, ending_a=pair.ending_a, ending_b=pair.ending_b,
+                r=r.tolist(), S=s, boundary_alpha=a_star,
+                endpoint_logit_distance=float(np.linalg.norm(logits[-1] - logits[0])),
+                endpoint_tv=float(0.5 * np.abs(p_a - p_b).sum()),
+                jacobian=jac,
+                mean_peak_offset=float(np.mean([v["peak_offset"] for v in jac.values()])) if jac else None,
+                deepest_peak_offset=jac[later[-1]]["peak_offset"] if jac else None,
+                mean_contrast=float(np.mean([v["contrast"] for v in jac.values()])) if jac else None)
+
+
+def _softmax(z):
+    z = np.asarray(z, np.float64) - np.max(z)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+# ----------------------------------------------------------------------------- driver
+
+def find_checkpoints(run_dir: str):
+    """[(step, directory)] of ``run_dir/checkpoints/step_*``, sorted by step."""
+    out = []
+    for d in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
+        m = re.search(r"step_(\d+)$", d)
+        if m and os.path.exists(os.path.join(d, "config.json")):
+            out.append((int(m.group(1)), d))
+    if not out:
+        raise FileNotFoundError(f"No checkpoints under {run_dir}/checkpoints/step_*; run "
+                                "`python -m experiments.train --output_dir=...` first.")
+    return sorted(out)
+
+
+def _quartiles(v):
+    v = np.asarray([x for x in v if x is not None], np.float64)
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3), mean=float(v.mean()), n=int(v.size))
+
+
+def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp",
+        heldout_loss=None) -> dict:
+    """Analyses every (step, directory) checkpoint; returns {"checkpoints": [...], "summary": [...]}."""
+    import plateau_jax
+    from plateau_jax import io, paths, prompts
+
+    alpha = paths.alpha_grid(n_steps)
+    pairs_raw = prompts.parse_pairs(pair_spec)
+    results, summary = [], []
+    for step, directory in io.progress(checkpoints, "checkpoints"):
+        model = plateau_jax.load_gpt2(directory)
+        pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
+                 for c in contexts for a, b in pairs_raw]
+        per_pair = [analyse_pair(model, p, layer, alpha, path) for p in pairs]
+        results.append(dict(step=step, directory=directory, pairs=per_pair))
+        row = dict(step=step,
+                   S=_quartiles([p["S"] for p in per_pair]),
+                   mean_peak_offset=_quartiles([p["mean_peak_offset"] for p in per_pair]),
+                   deepest_peak_offset=_quartiles([p["deepest_peak_offset"] for p in per_pair]),
+                   mean_contrast=_quartiles([p["mean_contrast"] for p in per_pair]),
+                   endpoint_tv=_quartiles([p["endpoint_tv"] for p in per_pair]))
+        if heldout_loss and step in heldout_loss:
+            row["heldout_loss"] = heldout_loss[step]
+        summary.append(row)
+        logging.info("step %d: S median %.2f [%.2f, %.2f]; |peak - boundary| median %.3f", step,
+                     row["S"]["median"], row["S"]["q1"], row["S"]["q3"],
+                     row["mean_peak_offset"]["median"])
+    return dict(alpha=alpha.tolist(), layer=layer, path=path, checkpoints=results, summary=summary)
+
+
+def random_baseline_offset(n_later_layers: int, n_steps: int, seed=0, trials=20000) -> float:
+    """Expected |alpha_peak - alpha*| when peaks fall uniformly on the grid (a chance level)."""
+    rng = np.random.default_rng(seed)
+    alpha = np.linspace(0, 1, n_steps)
+    b = 0.5 * (alpha[:-1] + alpha[1:])
+    return float(np.mean(np.abs(rng.choice(alpha, trials) - rng.choice(b, trials))))
+
+
+def plot(res: dict, path: str, focus: int = 0):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plateau_jax import io
+
+    alpha = np.asarray(res["alpha"])
+    steps = [c["step"] for c in res["checkpoints"]]
+    xs = [max(s, 1) for s in steps]
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
+    summ = res["summary"]
+    for key, col, lab in (("S", "C0", "sharpness S (logits)"),):
+        med = [r[key]["median"] for r in summ]
+        ax[0].plot(xs, med, "o-", color=col, label=lab + " median")
+        ax[0].fill_between(xs, [r[key]["q1"] for r in summ], [r[key]["q3"] for r in summ],
+                           color=col, alpha=0.2, label="IQR over pairs")
+    ax[0].axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("training step (init plotted at 1)")
+    ax[0].set_ylabel("S")
+    ax[0].set_title("Sharpness of r(alpha), logits")
+    ax[0].legend(fontsize=8)
+    med = [r["mean_peak_offset"]["median"] for r in summ]
+    ax[1].plot(xs, med, "o-", color="C3", label="median over pairs")
+    ax[1].fill_between(xs, [r["mean_peak_offset"]["q1"] for r in summ],
+                       [r["mean_peak_offset"]["q3"] for r in summ], color="C3", alpha=0.2)
+    ax[1].axhline(res.get("chance_peak_offset", np.nan), color="gray", ls=":",
+                  label="chance (uniform peak)")
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("training step")
+    ax[1].set_ylabel("|alpha_peak - alpha*|, mean over layers")
+    ax[1].set_title("MLP Jacobian peak vs boundary")
+    ax[1].legend(fontsize=8)
+    cmap = plt.get_cmap("viridis")
+    for j, c in enumerate(res["checkpoints"]):
+        p = c["pairs"][focus]
+        col = cmap(j / max(1, len(steps) - 1))
+        ax[2].plot(alpha, p["r"], color=col, label=f"step {c['step']} (S={p['S']:.1f})")
+        deepest = p["jacobian"][max(p["jacobian"], key=int)]
+        n = np.asarray(deepest["norms"])
+        ax[3].plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
+    lbl = res["checkpoints"][0]["pairs"][focus]["label"]
+    ax[2].set_title(f"r(alpha), logits: {lbl}")
+    ax[2].set_xlabel("alpha")
+    ax[2].legend(fontsize=7)
+    deepest_layer = max(res["checkpoints"][0]["pairs"][focus]["jacobian"], key=int)
+    ax[3].set_title(f"MLP Jacobian norm, layer {deepest_layer} (/ mean): {lbl}")
+    ax[3].set_xlabel("alpha")
+    ax[3].legend(fontsize=7)
+    fig.tight_layout()
+    io.atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    import json
+
+    from plateau_jax import io
+
+    if not FLAGS.output_dir:
+        raise app.UsageError("--output_dir is required.")
+    if FLAGS.checkpoints:
+        ckpts = []
+        for d in FLAGS.checkpoints:
+            m = re.search(r"(\d+)$", d.rstrip("/"))
+            ckpts.append((int(m.group(1)) if m else len(ckpts), d))
+    elif FLAGS.run_dir:
+        ckpts = find_checkpoints(FLAGS.run_dir)
+    else:
+        raise app.UsageError("Give --run_dir (a training run) or --checkpoints.")
+    heldout = {}
+    if FLAGS.run_dir and os.path.exists(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
+        for line in open(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
+            rec = json.loads(line)
+            for k in ("heldout_loss", "heldout_loss_quick"):
+                if k in rec:
+                    heldout[rec["step"]] = rec[k]
+    out = io.prepare_output_dir(FLAGS.output_dir)
+    io.write_config(out, {f: getattr(FLAGS, f) for f in
+                          ("run_dir", "checkpoints", "contexts", "pairs", "layer", "n_steps", "path")})
+    res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout)
+    n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
+    res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
+    io.atomic_write_json(os.path.join(out, "results.json"), res)
+    io.atomic_write_json(os.path.join(out, "summary.json"),
+                         dict(summary=res["summary"], chance_peak_offset=res["chance_peak_offset"]))
+    plot(res, os.path.join(out, "emergence.png"))
+    logging.info("Wrote %s", out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,44 @@
+"""Models shipped inside the package, registered by name so the loader resolves them offline.
+
+Every directory ``plateau_jax/models/<name>/`` holding a ``config.json`` becomes
+``plateau_jax.loading.LOCAL_MODELS[<name>]``; ``load_gpt2("tiny-plateau")`` then reads it with
+no network. ``tiny-plateau`` is the project's own small GPT-2 (trained by
+``python -m experiments.train``; see docs/training.md) and the scripts' default model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+from plateau_jax import loading
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+# Files every shipped model directory carries besides the checkpoint itself.
+HELDOUT_SAMPLE = "heldout_sample.txt"
+
+
+def shipped_models() -> Dict[str, str]:
+    """name -> directory of every model shipped in :data:`MODELS_DIR`."""
+    if not os.path.isdir(MODELS_DIR):
+        return {}
+    return {name: os.path.join(MODELS_DIR, name) for name in sorted(os.listdir(MODELS_DIR))
+            if os.path.isfile(os.path.join(MODELS_DIR, name, "config.json"))}
+
+
+def register() -> Dict[str, str]:
+    """Adds the shipped models to ``loading.LOCAL_MODELS`` (existing entries win)."""
+    found = shipped_models()
+    for name, path in found.items():
+        loading.LOCAL_MODELS.setdefault(name, path)
+    return found
+
+
+def heldout_sample(name: str = loading.DEFAULT_MODEL) -> list:
+    """The held-out documents shipped with a model (one per line), for quick evaluation."""
+    path = os.path.join(shipped_models()[name], HELDOUT_SAMPLE)
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+register()
