@@ -56,6 +56,10 @@ def first_downstream_layer(layer: int, site: str) -> int:
     return layer + 1 if site == "resid_post" else layer
 
 
+def _width(component: str, config) -> int:
+    return config.n_inner if component in ("mlp_pre", "mlp_post") else config.n_embd
+
+
 def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
     """Whether ``component`` of ``layer`` runs before the entry point (so cannot be recorded)."""
     return (layer == entry_layer and entry_site == "resid_mid"
@@ -165,10 +169,10 @@ def interpolation_run(model: GPT2, prefix: Prefix, a, b, layer: int, alpha, *,
     def value(c, l):  # NaN for a component upstream of the entry (attn_out entering at resid_mid)
         if (c, l) in names:
             return unflat(rec[names[c, l]])
-        width = cfg.n_inner if c.startswith("mlp_p") else cfg.n_embd
-        return jnp.full(batch + (alpha.size, width), jnp.nan, model.dtype)
+        return jnp.full(batch + (alpha.size, _width(c, cfg)), jnp.nan, model.dtype)
 
-    acts = {c: jnp.stack([value(c, l) for l in layers], axis=-3) for c in components}
+    acts = {c: (jnp.stack([value(c, l) for l in layers], axis=-3) if layers else
+                jnp.zeros(batch + (0, alpha.size, _width(c, cfg)), model.dtype)) for c in components}
     run = InterpolationRun(layer, site, alpha, x, layers, acts,
                            unflat(out_logits) if logits else None)
     if check_finite:
