@@ -1,0 +1,235 @@
+"""Activation plateaus: interpolate between two prompts at every layer, freeze, measure, plot.
+
+Reproduces every figure of the study in one command (see docs/plateaus.md)::
+
+    python -m experiments.plateaus --flagfile=experiments/flags/study.flags --output_dir=runs/study
+    python -m experiments.plateaus --model=gpt2 --pairs=big:in --steps=30 --output_dir=runs/small
+
+Writes ``config.json`` (resolved flags, versions, devices), ``results.npz`` and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Dict, List, Sequence
+
+import numpy as np
+from absl import app, flags
+
+import plateau_jax
+from experiments import common
+from plateau_jax import io, metrics, plateau, plotting, prompts
+from plateau_jax.paths import PATHS, alpha_grid
+from plateau_jax.sites import RESIDUAL_SITES
+
+FLAGS = flags.FLAGS
+common.define_model_flags()
+flags.DEFINE_string("context", "The house was", "Shared context (no BOS token is added).")
+flags.DEFINE_string("pairs", "big:in,big:large",
+                    "Ending pairs A:B, comma-separated; each ending is joined to the context with "
+                    "one space and must be exactly one token.")
+flags.DEFINE_integer("steps", 50, "Number of alpha steps, linspace(0, 1, steps) (>= 2).")
+flags.DEFINE_list("alphas", [], "Explicit alpha grid (overrides --steps): increasing, 0 ... 1.")
+flags.DEFINE_integer("layer", 0, "Interpolation layer for the per-layer, freezing, step-size and "
+                     "spline figures.")
+flags.DEFINE_string("interp_layers", "all",
+                    "Interpolation layers for the 'each layer' and 'N layers downstream' figures: "
+                    "'all' or a comma list such as 0,4,8.")
+flags.DEFINE_enum("site", "resid_post", list(RESIDUAL_SITES), "Residual site interpolated.")
+flags.DEFINE_enum("path", "slerp", list(PATHS), "Interpolation path.")
+flags.DEFINE_enum("freeze_mode", "mean", list(plateau.FREEZE_MODES),
+                  "Frozen value: mean over steps (the study), endpoint A's value, or the straight "
+                  "line between the endpoints' values.")
+flags.DEFINE_string("freeze_layers", "all",
+                    "Layers whose attn_out/mlp_out are frozen: 'all' (every layer after --layer) "
+                    "or a comma list.")
+flags.DEFINE_list("distances", ["1", "4", "8", "16", "24"],
+                  "N layers between interpolation and recording, clipped to the model's depth.")
+flags.DEFINE_bool("save_activations", False,
+                  "Also store every recorded activation and the logits of the --layer run "
+                  "(large: about 110 MB per pair for GPT-2 Large).")
+flags.DEFINE_enum("figure_format", "png", ["png", "pdf", "svg"], "Figure file format.")
+
+FREEZE_CONDITIONS = ("none", "attn", "mlp")
+
+
+class InputError(ValueError):
+    """A flag value that cannot be used; the message says what to pass instead."""
+
+
+def parse_layers(spec: str, n_layer: int, what: str, allowed: Sequence[int] = None) -> List[int]:
+    """'all' -> ``allowed`` (default 0..n_layer-1); '0,4,8' -> [0, 4, 8], range-checked."""
+    allowed = list(range(n_layer)) if allowed is None else list(allowed)
+    if spec.strip() == "all":
+        return allowed
+    try:
+        layers = sorted({int(t) for t in spec.split(",") if t.strip()})
+    except ValueError:
+        raise InputError(f"--{what}={spec!r}: expected 'all' or comma-separated layer numbers.")
+    bad = [l for l in layers if l not in allowed]
+    if bad or not layers:
+        raise InputError(f"--{what}={spec!r}: layers {bad or '(none)'} out of range; allowed: "
+                         f"{allowed[0]}..{allowed[-1]}" if allowed else f"--{what}: no layer allowed.")
+    return layers
+
+
+def parse_alpha() -> np.ndarray:
+    if FLAGS.alphas:
+        try:
+            return plateau.check_alpha([float(a) for a in FLAGS.alphas])
+        except ValueError as e:
+            raise InputError(f"--alphas: {e}")
+    try:
+        return alpha_grid(FLAGS.steps)
+    except ValueError as e:
+        raise InputError(f"--steps: {e}")
+
+
+def parse_distances(n_layer: int, site: str) -> List[int]:
+    """--distances as ints, each clipped to the deepest reachable N, deduplicated."""
+    try:
+        dists = [int(d) for d in FLAGS.distances]
+    except ValueError:
+        raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
+    if any(d < 1 for d in dists):
+        raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
+    deepest = n_layer - plateau.first_downstream_layer(0, site)
+    return sorted({min(d, deepest) for d in dists if deepest >= 1})
+
+
+def _pad(arr, layers: Sequence[int], n_layer: int, axis: int = 1):
+    """Places ``arr`` (``len(layers)`` along ``axis``) into an array of ``n_layer`` NaN rows."""
+    arr = np.asarray(arr, np.float64)
+    shape = list(arr.shape)
+    shape[axis] = n_layer
+    out = np.full(shape, np.nan)
+    idx = [slice(None)] * arr.ndim
+    idx[axis] = list(layers)
+    out[tuple(idx)] = arr
+    return out
+
+
+def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray, *,
+              layer: int, interp_layers: Sequence[int], site: str, path: str, freeze_mode: str,
+              freeze_layers: Sequence[int], distances: Sequence[int],
+              save_activations: bool = False) -> Dict[str, np.ndarray]:
+    """Every computation of the study; returns the results arrays (see docs/plateaus.md).
+
+    The shared context runs once; endpoints of all needed layers come from one call; each
+    interpolation layer is one batched continuation over all pairs and steps.
+    """
+    n_layer, n = model.config.n_layer, alpha.size
+    prefix = plateau_jax.run_prefix(model, pairs[0].context_ids)
+    tokens = np.array([[p.token_a, p.token_b] for p in pairs], np.int32)  # [P, 2]
+    P = len(pairs)
+    need = sorted(set(interp_layers) | {layer})
+    ends = np.asarray(plateau.endpoint_activations(model, prefix, tokens.ravel(), need, site),
+                      np.float32).reshape(len(need), P, 2, -1)
+    ends = dict(zip(need, ends))  # layer -> [P, 2, d]
+    run_at = lambda l, **kw: plateau.interpolation_run(
+        model, prefix, ends[l][:, 0], ends[l][:, 1], l, alpha, path=path, site=site, **kw)
+
+    res: Dict[str, np.ndarray] = {"alpha": alpha, "tokens": tokens, "context_ids": pairs[0].context_ids,
+                                  "endings": np.array([[p.ending_a, p.ending_b] for p in pairs]),
+                                  "pair_labels": np.array([p.label for p in pairs]),
+                                  "layer": np.array(layer), "endpoints": ends[layer]}
+    # The main run at --layer: every component of every later layer.
+    main = run_at(layer)
+    down = main.layers
+    acts = {c: np.asarray(v, np.float32) for c, v in main.acts.items()}
+    logits = np.asarray(main.logits, np.float32)
+    res["x"] = np.asarray(main.x)
+    res["downstream_layers"] = np.array(down, np.int32)
+    for c in plateau.DEFAULT_COMPONENTS:
+        res[f"r_{c}"] = _pad(metrics.relative_distance(acts[c]), down, n_layer)
+    res["r_logits"] = metrics.relative_distance(logits)
+    res["kl_logits"] = metrics.kl_to_endpoints(logits)
+    res["step_resid_post"] = _pad(metrics.step_sizes(acts["resid_post"]), down, n_layer)
+    res["step_logits"] = metrics.step_sizes(logits)
+    res["spline_hamming"] = _pad(metrics.spline_hamming(acts["mlp_pre"]), down, n_layer)
+    res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], acts["resid_mid"]),
+                                 down, n_layer)
+    for key, fn in (("sharpness", metrics.sharpness), ("boundary", metrics.boundary)):
+        res[f"{key}_resid_post"] = fn(res["r_resid_post"], alpha)
+        res[f"{key}_logits"] = fn(res["r_logits"], alpha)
+    if save_activations:
+        for c, v in acts.items():
+            res[f"acts_{c}"] = v
+        res["logits"] = logits
+
+    # Freezing attn_out / mlp_out in the chosen later layers.
+    frozen_r_logits, frozen_r_resid = [res["r_logits"]], [res["r_resid_post"]]
+    for comp in io.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
+        fr = run_at(layer, components=("resid_post",),
+                    patches=plateau.freeze_patches(main, comp, freeze_mode, freeze_layers))
+        frozen_r_logits.append(metrics.relative_distance(fr.logits))
+        frozen_r_resid.append(_pad(metrics.relative_distance(fr.acts["resid_post"]), down, n_layer))
+    res["freeze_conditions"] = np.array(FREEZE_CONDITIONS)
+    res["freeze_layers"] = np.array(freeze_layers, np.int32)
+    res["frozen_r_logits"] = np.stack(frozen_r_logits, axis=1)  # [P, 3, n]
+    res["frozen_r_resid_post"] = np.stack(frozen_r_resid, axis=1)  # [P, 3, n_layer, n]
+    res["frozen_sharpness_logits"] = metrics.sharpness(res["frozen_r_logits"], alpha)
+    del main, acts, logits
+
+    # Every interpolation layer: logits, and resid_post N layers downstream.
+    I, D = len(interp_layers), len(distances)
+    each_r = np.full((P, I, n), np.nan)
+    dist_r = np.full((P, D, I, n), np.nan)
+    for i, l in enumerate(io.progress(interp_layers, desc="interpolation layers")):
+        first = plateau.first_downstream_layer(l, site)
+        rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < n_layer}
+        run = run_at(l, components=("resid_post",), layers=sorted(set(rec.values())))
+        each_r[:, i] = metrics.relative_distance(run.logits)
+        for j, rl in rec.items():
+            dist_r[:, j, i] = metrics.relative_distance(run.act("resid_post", rl))
+    res["interp_layers"] = np.array(interp_layers, np.int32)
+    res["distances"] = np.array(distances, np.int32)
+    res["each_r_logits"] = each_r
+    res["each_sharpness_logits"] = metrics.sharpness(each_r, alpha)
+    res["each_boundary_logits"] = metrics.boundary(each_r, alpha)
+    res["dist_r_resid_post"] = dist_r
+    return res
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        alpha = parse_alpha()
+        pair_specs = prompts.parse_pairs(FLAGS.pairs)
+        io.prepare_output_dir(FLAGS.output_dir)
+        model = common.load_model_from_flags()
+        n_layer = model.config.n_layer
+        plateau_jax.sites.check_layer(FLAGS.layer, model.config, what="--layer")
+        interp_layers = parse_layers(FLAGS.interp_layers, n_layer, "interp_layers")
+        first = plateau.first_downstream_layer(FLAGS.layer, FLAGS.site)
+        freeze_layers = parse_layers(FLAGS.freeze_layers, n_layer, "freeze_layers",
+                                     allowed=range(first, n_layer))
+        distances = parse_distances(n_layer, FLAGS.site)
+        if model.tokenizer is None:
+            raise InputError(f"{FLAGS.model} has no tokenizer files; the prompts need one.")
+        pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, pair_specs,
+                                     model.config.n_positions)
+        out = common.start_run(model)
+        res = run_study(model, pairs, alpha, layer=FLAGS.layer, interp_layers=interp_layers,
+                        site=FLAGS.site, path=FLAGS.path, freeze_mode=FLAGS.freeze_mode,
+                        freeze_layers=freeze_layers, distances=distances,
+                        save_activations=FLAGS.save_activations)
+    except (InputError, prompts.PromptError, plateau.NonFiniteError, plateau_jax.CheckpointError,
+            ValueError, OSError) as e:
+        logging.debug("failed", exc_info=True)
+        sys.exit(f"error: {e}")
+    res.update(model_name=np.array(model.name), context=np.array(FLAGS.context),
+               site=np.array(FLAGS.site), interp_path=np.array(FLAGS.path),
+               freeze_mode=np.array(FLAGS.freeze_mode))
+    results_path = os.path.join(out, "results.npz")
+    io.atomic_save_npz(results_path, **res)
+    figs = plotting.save_all(plotting.load_results(results_path), out, FLAGS.figure_format)
+    logging.info("Wrote %s and %d figures to %s", results_path, len(figs), out)
+    print(f"results: {results_path}\nfigures: {', '.join(os.path.basename(f) for f in figs)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

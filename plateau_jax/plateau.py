@@ -1,0 +1,253 @@
+"""Interpolation runs: interpolate the last position's residual at layer L, continue, record.
+
+One run = one jitted, batched :func:`plateau_jax.continue_from` call over every step (and every
+pair) on a prefix-cached context; the context is never re-run. Freezing a component is a
+patch built from a clean run (:func:`freeze_patches`) and passed to another run.
+
+Shapes: ``batch`` is the leading shape of the endpoints ``a``/``b`` (``[d]`` gives ``()``,
+``[P, d]`` gives ``(P,)``); ``n`` is the number of alpha steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plateau_jax import paths as paths_lib
+from plateau_jax import sites as sites_lib
+from plateau_jax.forward import Prefix, continue_from, embed_last
+from plateau_jax.interventions import COMPONENTS
+from plateau_jax.model import GPT2
+
+# Per-layer components recorded by default (short site names, see plateau_jax.sites).
+DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+FREEZE_MODES = ("mean", "endpoint_a", "linear")
+_SHORT = {"mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post"}
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf appeared in an interpolation run."""
+
+
+def component_site(layer: int, component: str) -> str:
+    """``component_site(3, "mlp_pre") == "blocks.3.mlp.hook_pre"``; other names as
+    :func:`plateau_jax.sites.site` (``"resid_post"`` -> ``blocks.3.hook_resid_post``)."""
+    return sites_lib.site(layer, _SHORT.get(component, component))
+
+
+def check_alpha(alpha) -> np.ndarray:
+    """A valid alpha grid: 1-D, >= 2 values, strictly increasing, from exactly 0 to exactly 1
+    (the endpoints are the two prompts); uniform or not. Returns it as float64."""
+    alpha = np.asarray(alpha, np.float64)
+    if alpha.ndim != 1 or alpha.size < 2:
+        raise ValueError(f"alpha grid must be 1-D with at least 2 steps; got shape {alpha.shape}.")
+    if alpha[0] != 0.0 or alpha[-1] != 1.0 or np.any(np.diff(alpha) <= 0):
+        raise ValueError("alpha grid must increase strictly from 0 (endpoint A) to 1 (endpoint B); "
+                         f"got {alpha.tolist()}.")
+    return alpha
+
+
+def first_downstream_layer(layer: int, site: str) -> int:
+    """First block that runs after entering at ``blocks.{layer}.hook_{site}``."""
+    return layer + 1 if site == "resid_post" else layer
+
+
+def _width(component: str, config) -> int:
+    return config.n_inner if component in ("mlp_pre", "mlp_post") else config.n_embd
+
+
+def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
+    """Whether ``component`` of ``layer`` runs before the entry point (so cannot be recorded)."""
+    return (layer == entry_layer and entry_site == "resid_mid"
+            and component in ("resid_pre", "ln1.hook_normalized", "attn_out", "attn.hook_pattern"))
+
+
+def endpoint_activations(model: GPT2, prefix: Prefix, tokens, layers: Sequence[int],
+                         site: str = "resid_post") -> jax.Array:
+    """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token, in one call.
+
+    Args:
+      prefix: the context's cache (unbatched).
+      tokens: int ids ``[M]`` of endings.
+      layers: layers to record.
+
+    Returns:
+      ``[len(layers), M, d]`` (residual units).
+    """
+    names = [sites_lib.site(sites_lib.check_layer(int(l), model.config), site) for l in layers]
+    x0 = embed_last(model, prefix, jnp.asarray(tokens, jnp.int32))
+    _, rec = continue_from(model, prefix, x0, 0, "resid_pre", sites=names)
+    return jnp.stack([rec[n] for n in names])
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolationRun:
+    """Result of :func:`interpolation_run`.
+
+    Attributes:
+      layer, site: where the interpolated vectors entered (``blocks.{layer}.hook_{site}``).
+      alpha: ``[n]`` the grid.
+      x: ``batch + (n, d)`` the interpolated vectors fed in.
+      layers: the recorded downstream layers, in order.
+      acts: ``{component: batch + (len(layers), n, X)}`` at the last position (X = d, or d_mlp
+        for mlp_pre/mlp_post); a component frozen by a patch records its frozen value; the
+        entry layer's attn_out is NaN when entering at resid_mid (it never runs).
+      logits: ``batch + (n, V)`` next-token logits, or None if not requested.
+    """
+
+    layer: int
+    site: str
+    alpha: np.ndarray
+    x: jax.Array
+    layers: Tuple[int, ...]
+    acts: Dict[str, jax.Array]
+    logits: Optional[jax.Array]
+
+    def act(self, component: str, layer: int) -> jax.Array:
+        """``batch + (n, X)``: one component of one recorded layer."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not recorded; recorded layers: {self.layers}.")
+        return self.acts[component][..., self.layers.index(layer), :, :]
+
+
+def interpolation_run(model: GPT2, prefix: Prefix, a, b, layer: int, alpha, *,
+                      path: str = "slerp", site: str = "resid_post",
+                      components: Sequence[str] = DEFAULT_COMPONENTS,
+                      layers: Optional[Sequence[int]] = None, logits: bool = True,
+                      patches: Optional[Mapping[str, jax.Array]] = None,
+                      check_finite: bool = True) -> InterpolationRun:
+    """Interpolates between ``a`` and ``b`` at ``blocks.{layer}.hook_{site}`` and continues.
+
+    Args:
+      prefix: the shared context's cache; unbatched (then ``a``, ``b`` may have any leading
+        shape) or batched over B contexts (then ``a``, ``b`` are ``[B, d]``).
+      a, b: ``batch + (d,)`` endpoint vectors (alpha = 0 and 1), e.g. from
+        :func:`endpoint_activations`.
+      alpha: ``[n]`` grid (see :func:`check_alpha`).
+      path: "slerp" or "linear" (:func:`plateau_jax.paths.interpolate`).
+      site: "resid_post" (default), "resid_pre" or "resid_mid".
+      components: per-layer components to record (short names, :data:`DEFAULT_COMPONENTS`).
+      layers: downstream layers to record (default: every layer from
+        :func:`first_downstream_layer` on).
+      logits: also return the logits.
+      patches: ``{site: batch + (n, X)}`` per-step replacements, e.g. :func:`freeze_patches`.
+      check_finite: raise :class:`NonFiniteError` naming the first step and layer with NaN/Inf.
+    """
+    cfg = model.config
+    sites_lib.check_layer(layer, cfg, what="interpolation layer")
+    if site not in sites_lib.RESIDUAL_SITES:
+        raise ValueError(f"interpolation site {site!r}: expected one of {sites_lib.RESIDUAL_SITES}.")
+    alpha = check_alpha(alpha)
+    first = first_downstream_layer(layer, site)
+    layers = tuple(range(first, cfg.n_layer)) if layers is None else tuple(int(l) for l in layers)
+    bad = [l for l in layers if not first <= l < cfg.n_layer]
+    if bad:
+        raise ValueError(f"recording layers {bad} are not downstream of blocks.{layer}.hook_{site}: "
+                         f"choose from {first}..{cfg.n_layer - 1}.")
+    # float32 path: a bfloat16 alpha grid would be coarse. continue_from casts to the model dtype.
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    x = paths_lib.interpolate(a, b, alpha, path)  # batch + (n, d)
+    batch = x.shape[:-2]
+    if prefix.batched:
+        if len(batch) != 1 or batch[0] != prefix.keys.shape[0]:
+            raise ValueError(f"a batched prefix of {prefix.keys.shape[0]} contexts needs a, b of "
+                             f"shape [{prefix.keys.shape[0]}, d]; got {tuple(batch) + (x.shape[-1],)}.")
+        flat = lambda t: t
+    else:
+        flat = lambda t: jnp.reshape(t, (-1,) + t.shape[len(batch) + 1:])
+    unflat = lambda t: jnp.reshape(t, batch + (alpha.size,) + t.shape[-1:])
+    names = {(c, l): component_site(l, c) for c in components for l in layers
+             if not _upstream(l, c, layer, site)}
+    out_logits, rec = continue_from(
+        model, prefix, flat(x), layer, site, sites=sorted(set(names.values())),
+        patches={k: flat(jnp.asarray(v)) for k, v in dict(patches or {}).items()})
+
+    def value(c, l):  # NaN for a component upstream of the entry (attn_out entering at resid_mid)
+        if (c, l) in names:
+            return unflat(rec[names[c, l]])
+        return jnp.full(batch + (alpha.size, _width(c, cfg)), jnp.nan, model.dtype)
+
+    acts = {c: (jnp.stack([value(c, l) for l in layers], axis=-3) if layers else
+                jnp.zeros(batch + (0, alpha.size, _width(c, cfg)), model.dtype)) for c in components}
+    run = InterpolationRun(layer, site, alpha, x, layers, acts,
+                           unflat(out_logits) if logits else None)
+    if check_finite:
+        check_run_finite(run)
+    return run
+
+
+def check_run_finite(run: InterpolationRun) -> None:
+    """Raises :class:`NonFiniteError` naming the earliest site (in forward order) and the
+    first step where a NaN or Inf appears in ``run``."""
+    def first_bad(arr):
+        bad = ~np.isfinite(np.asarray(arr, np.float32))
+        if not bad.any():
+            return None
+        steps = np.nonzero(bad.reshape(-1, run.alpha.size, bad.shape[-1]).any(axis=(0, 2)))[0]
+        return int(steps[0])
+
+    where = f"interpolating at blocks.{run.layer}.hook_{run.site}"
+    k = first_bad(run.x)
+    if k is not None:
+        raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
+                             f"{run.alpha[k]:.4g}) {where}: are the endpoints antiparallel or "
+                             "non-finite? Try --path=linear.")
+    order = [c for c in DEFAULT_COMPONENTS if c in run.acts] + [
+        c for c in run.acts if c not in DEFAULT_COMPONENTS]
+    for j, layer in enumerate(run.layers):
+        for c in order:
+            if _upstream(layer, c, run.layer, run.site):
+                continue
+            k = first_bad(run.acts[c][..., j, :, :])
+            if k is not None:
+                raise NonFiniteError(
+                    f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in layer {layer} "
+                    f"({component_site(layer, c)}) {where}. Try float32 (--dtype=float32).")
+    if run.logits is not None:
+        k = first_bad(run.logits)
+        if k is not None:
+            raise NonFiniteError(f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in the logits "
+                                 f"{where}. Try float32 (--dtype=float32).")
+
+
+def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
+                   layers: Optional[Sequence[int]] = None) -> Dict[str, jax.Array]:
+    """Patches that freeze ``attn_out`` or ``mlp_out`` at the last position, from a clean run.
+
+    For each layer ``l`` (default: every recorded layer of ``run``, i.e. every layer after the
+    interpolation), with ``v_k`` the clean value at step k:
+
+    * ``"mean"``: ``mean_k v_k`` at every step (the study's choice);
+    * ``"endpoint_a"``: ``v_0`` at every step;
+    * ``"linear"``: ``v_0 + alpha_k (v_{n-1} - v_0)``, the straight line between the endpoints.
+
+    ``component`` is "attn" or "mlp" (``run`` must have recorded ``{component}_out``).
+    Returns ``{site: batch + (n, d)}`` for :func:`interpolation_run`'s ``patches``.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"freeze component {component!r}: expected one of {COMPONENTS}.")
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"Unknown freeze mode {mode!r}; choose one of {FREEZE_MODES}.")
+    key = f"{component}_out"
+    if key not in run.acts:
+        raise ValueError(f"freezing {component!r} needs a run that recorded {key!r} "
+                         "(components 'attn_out' and 'mlp_out' are recorded by default).")
+    layers = run.layers if layers is None else tuple(int(l) for l in layers)
+    alpha = jnp.asarray(run.alpha, run.acts[key].dtype)[:, None]
+    values = {}
+    for l in layers:
+        if _upstream(l, key, run.layer, run.site):
+            continue  # entering at resid_mid skips that layer's attention
+        v = run.act(key, l)  # batch + (n, d)
+        if mode == "mean":
+            f = jnp.mean(v, axis=-2, keepdims=True)
+        elif mode == "endpoint_a":
+            f = v[..., :1, :]
+        else:
+            f = v[..., :1, :] + alpha * (v[..., -1:, :] - v[..., :1, :])
+        values[component_site(l, key)] = jnp.broadcast_to(f, v.shape)
+    return values
