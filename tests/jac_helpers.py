@@ -25,12 +25,14 @@ class TorchGPT2:
     """transformers' GPT2LMHeadModel (eager attention) with hooks to feed the last position's
     residual stream at one layer and read one activation: the study's set-up."""
 
-    def __init__(self, directory, context_ids):
+    def __init__(self, directory, context_ids, dtype="float32"):
         import torch
         from transformers import GPT2LMHeadModel
 
         self.torch = torch
         self.hf = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager").eval()
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        self.hf = self.hf.to(self.dtype)
         self.ids = torch.tensor([list(np.asarray(context_ids)) + [0]])
 
     def blocks(self):
@@ -73,5 +75,30 @@ class TorchGPT2:
     def jacrev(self, f, x, chunk_size=128):
         from torch.func import jacrev
 
-        xt = self.torch.tensor(np.asarray(x, np.float32))
+        xt = self.torch.tensor(np.asarray(x), dtype=self.dtype)
         return jacrev(f, chunk_size=chunk_size)(xt).detach().numpy()
+
+
+_CKPT = {}
+
+
+def shared_checkpoint():
+    """(directory, float32 model): one random tiny checkpoint per test session (creating one
+    costs ~10-15 s, mostly Flax init), with weights x3 for sharper nonlinearities."""
+    if "ckpt" not in _CKPT:
+        import tempfile
+
+        from plateau_jax import testing
+
+        d = tempfile.mkdtemp(prefix="plateau_jac_ckpt_")
+        _CKPT["ckpt"] = (d, testing.make_checkpoint(d, testing.tiny_config(), seed=3, scale=3.0))
+    return _CKPT["ckpt"]
+
+
+def to_float64(model):
+    """A float64 copy of ``model`` (call with jax_enable_x64 on)."""
+    import jax
+    import jax.numpy as jnp
+
+    return model.replace(params=jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                                       model.params))
