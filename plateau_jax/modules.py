@@ -130,7 +130,9 @@ class Attention(nn.Module):
             n_past = pk.shape[2]
             k = jnp.concatenate([jnp.broadcast_to(pk, (B,) + pk.shape[1:]).astype(k.dtype), k], 2)
             v = jnp.concatenate([jnp.broadcast_to(pv, (B,) + pv.shape[1:]).astype(v.dtype), v], 2)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+        # float32 at least (bf16/f16 models), float64 kept for float64 checks.
+        sdt = jnp.promote_types(q.dtype, jnp.float32)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(sdt)
         if cfg.scale_attn_weights:
             scores = scores / math.sqrt(dh)
         allowed = jnp.arange(n_past + T)[None, :] <= (n_past + jnp.arange(T))[:, None]
@@ -139,7 +141,7 @@ class Attention(nn.Module):
             pm = jnp.concatenate([jnp.broadcast_to(past_mask, (B, n_past)),
                                   jnp.ones((B, T), bool)], axis=1)
             allowed = allowed & pm[:, None, None, :]
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(allowed, scores, jnp.finfo(sdt).min)
         pattern = hooks(prefix + "attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(x.dtype))
         z = jnp.einsum("bhqk,bhkd->bhqd", pattern, v).transpose(0, 2, 1, 3).reshape(B, T, d)
         return Conv1D(d, init_std=std_proj, name="c_proj")(z), new_kv

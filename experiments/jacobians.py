@@ -1,0 +1,211 @@
+r"""Jacobian norms along interpolation paths: MLP, attention, layer, products and cumulative.
+
+    python -m experiments.jacobians --output_dir=out/jac
+    python -m experiments.jacobians --flagfile=experiments/flags/jacobians_study.flags \
+        --output_dir=out/jac_study
+
+For each prompt pair: interpolate ``blocks.{layer}.hook_{site}`` between the two endings, then
+one jitted call (:func:`plateau_jax.jacobians.jacobian_sweep`) gives the requested norms of every
+per-layer Jacobian at every step, the study's skip-free products and the end-to-end cumulative
+Jacobians at every depth. Writes ``jacobians_{A}-{B}.npz`` and figures per pair (see
+docs/jacobians.md for the array names and shapes), and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+import plateau_jax as pj
+from experiments import common
+from plateau_jax import io, jacobians, paths, prompts
+
+FLAGS = flags.FLAGS
+
+common.define_model_flags()
+
+flags.DEFINE_string("context", "The house was", "Shared context (no BOS token).")
+flags.DEFINE_string("pairs", "big:in,big:large", "Ending pairs 'A:B,...' (one token each).")
+flags.DEFINE_integer("layer", 0, "Interpolate at blocks.{layer}.hook_{site}.")
+flags.DEFINE_enum("site", "resid_post", ["resid_post", "resid_pre"], "Interpolated residual site.")
+flags.DEFINE_integer("steps", 50, "Steps of alpha = linspace(0, 1, steps).")
+flags.DEFINE_enum("path", "slerp", list(paths.PATHS), "Interpolation path.")
+flags.DEFINE_list("families", list(jacobians.FAMILIES), "Per-layer Jacobian families.")
+flags.DEFINE_list("stats", ["fro"], f"Reductions among {jacobians.STATS}.")
+flags.DEFINE_integer("top_k", 0, "Singular values kept for stats=topk.")
+flags.DEFINE_enum("spec_method", "svd", list(jacobians.SPEC_METHODS),
+                  "Spectral norm: exact from the dense matrix, or matrix-free power iteration.")
+flags.DEFINE_enum("mlp_method", "gram", list(jacobians.MLP_METHODS),
+                  "MLP Jacobian: closed form, autodiff, or exact Gram Frobenius norms.")
+flags.DEFINE_bool("products", True, "Also the study's skip-free products of MLP/attention Jacobians.")
+flags.DEFINE_bool("cumulative", True, "Also end-to-end cumulative Jacobians at every depth.")
+flags.DEFINE_list("full", [], f"Return full matrices for these names ({jacobians.FULL_NAMES}).")
+flags.DEFINE_bool("force_full", False, "Keep full matrices even above the size limit.")
+flags.DEFINE_integer("batch_size", 8, "Steps per vectorised chunk (lower for big models).")
+flags.DEFINE_integer("power_iters", 30, "Power-iteration steps (spec_method=power).")
+flags.DEFINE_integer("probes", 16, "Hutchinson probes (stats=fro_hutch).")
+flags.DEFINE_integer("seed", 0, "Seed for matrix-free estimates.")
+flags.DEFINE_bool("overlay", True, "Overlay relative-distance curves r(alpha) on the figures.")
+flags.DEFINE_bool("figures", True, "Write figures.")
+flags.DEFINE_string("figure_format", "png", "Figure file extension.")
+
+
+def _relative_distance(y):
+    """r(alpha) = |y - y(0)| / (|y - y(0)| + |y - y(1)|) along axis -2 (steps); y [..., N, X].
+
+    Private copy: issue 3's plateau_jax.metrics.relative_distance is the shared one (dedup later).
+    """
+    y = np.asarray(y, np.float64)
+    d0 = np.linalg.norm(y - y[..., :1, :], axis=-1)
+    d1 = np.linalg.norm(y - y[..., -1:, :], axis=-1)
+    return d0 / np.maximum(d0 + d1, np.finfo(np.float64).tiny)
+
+
+def run_pair(model, pair, opts: jacobians.SweepOptions, grams=None):
+    """Returns ({name: array} for the npz, seconds of the jitted sweep)."""
+    cfg = model.config
+    prefix = pj.run_prefix(model, pair.context_ids)
+    emb = pj.embed_last(model, prefix, np.array([pair.token_a, pair.token_b]))
+    s = pj.site(FLAGS.layer, FLAGS.site)
+    if FLAGS.site == "resid_pre" and FLAGS.layer == 0:
+        ends = emb
+    else:
+        _, rec = pj.continue_from(model, prefix, emb, 0, site="resid_pre", sites=[s])
+        ends = rec[s]
+    alpha = paths.alpha_grid(FLAGS.steps)
+    x = paths.interpolate(ends[0], ends[1], alpha, FLAGS.path)
+    if not np.all(np.isfinite(np.asarray(x))):
+        raise ValueError(f"pair {pair.label}: the interpolation path is not finite "
+                         "(antiparallel endpoints?); try --path=linear.")
+    layers = jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site)
+    t = time.perf_counter()
+    out = jacobians.jacobian_sweep(model, prefix, x, FLAGS.layer, FLAGS.site, options=opts,
+                                   grams=grams, seed=FLAGS.seed, force=FLAGS.force_full)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    secs = time.perf_counter() - t
+    res = dict(alpha=alpha, layers=layers, x=np.asarray(x), **out)
+    if FLAGS.overlay:
+        rsites = [pj.site(l, "resid_post") for l in layers]
+        logits, rec = pj.continue_from(model, prefix, x, FLAGS.layer, site=FLAGS.site, sites=rsites)
+        res["r_logits"] = _relative_distance(np.asarray(logits, np.float64))
+        res["r_resid_post"] = _relative_distance(np.stack([np.asarray(rec[s]) for s in rsites]))
+    return res, secs
+
+
+def _plot(res, label, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alpha, layers = res["alpha"], res["layers"]
+    cmap = plt.get_cmap("viridis")
+    colors = [cmap(i / max(len(layers) - 1, 1)) for i in range(len(layers))]
+    stat = "fro" if any(k.endswith("_fro") for k in res) else None
+
+    def key_for(name):
+        for s in ("fro", "spec", "fro_hutch"):
+            if f"{name}_{s}" in res:
+                return f"{name}_{s}", s
+        return None, None
+
+    def overlay(ax, r, text="r(logits)"):
+        if r is None:
+            return
+        ax2 = ax.twinx()
+        ax2.plot(alpha, r, "k--", lw=1.2, label=text)
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_ylabel(text)
+
+    def panels(names, title, fname, log=False, per_depth_r=False):
+        names = [n for n in names if key_for(n)[0]]
+        if not names:
+            return None
+        fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            key, s = key_for(name)
+            for i, l in enumerate(layers):
+                ax.plot(alpha, res[key][i], color=colors[i], lw=1, label=f"L{l}")
+            ax.set_title(f"{name} ({s} norm)")
+            ax.set_xlabel("alpha")
+            if log:
+                ax.set_yscale("log")
+            overlay(ax, res.get("r_logits"))
+        axes[0][0].set_ylabel("norm")
+        handles, labs = axes[0][0].get_legend_handles_labels()
+        step = max(1, len(labs) // 12)
+        fig.legend(handles[::step], labs[::step], loc="center right", fontsize=7, title="layer")
+        fig.suptitle(f"{label}: {title}")
+        fig.tight_layout(rect=(0, 0, 0.93, 1))
+        path = os.path.join(out_dir, f"{fname}_{label}.{FLAGS.figure_format}")
+        io.atomic_savefig(fig, path, dpi=120)
+        plt.close(fig)
+        return path
+
+    written = [
+        panels(["mlp", "attn", "layer"], "per-layer Jacobian norms", "jac_layers"),
+        panels(["product_mlp", "product_attn"],
+               "study's products of per-layer Jacobians (skip path left out; not end-to-end)",
+               "jac_products", log=True),
+        panels(["cumulative"], "cumulative d resid_post[l] / d x by depth", "jac_cumulative",
+               log=True),
+    ]
+    key, s = key_for("cumulative")
+    if key and "r_resid_post" in res:
+        # sensitivity by depth next to each depth's relative-distance curve
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        im = axes[0].imshow(np.log10(res[key]), aspect="auto", origin="lower",
+                            extent=(alpha[0], alpha[-1], layers[0] - 0.5, layers[-1] + 0.5))
+        fig.colorbar(im, ax=axes[0], label=f"log10 {s} norm")
+        axes[0].set(title="cumulative Jacobian", xlabel="alpha", ylabel="depth (resid_post layer)")
+        im = axes[1].imshow(res["r_resid_post"], aspect="auto", origin="lower", vmin=0, vmax=1,
+                            extent=(alpha[0], alpha[-1], layers[0] - 0.5, layers[-1] + 0.5))
+        fig.colorbar(im, ax=axes[1], label="r(alpha)")
+        axes[1].set(title="relative distance of resid_post", xlabel="alpha")
+        fig.suptitle(label)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"jac_cumulative_depth_{label}.{FLAGS.figure_format}")
+        io.atomic_savefig(fig, path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return [w for w in written if w]
+
+
+def main(argv):
+    del argv
+    model = common.load_model_from_flags()
+    out_dir = common.start_run(model)
+    cfg = model.config
+    pj.sites.check_layer(FLAGS.layer, cfg)
+    opts = jacobians.SweepOptions(
+        families=tuple(FLAGS.families), stats=tuple(FLAGS.stats), top_k=FLAGS.top_k,
+        spec_method=FLAGS.spec_method, mlp_method=FLAGS.mlp_method, products=FLAGS.products,
+        cumulative=FLAGS.cumulative, full=tuple(FLAGS.full), batch_size=FLAGS.batch_size,
+        power_iters=FLAGS.power_iters, probes=FLAGS.probes)
+    jacobians.check_full_size(cfg, FLAGS.steps, FLAGS.layer, FLAGS.site, opts.full,
+                              np.dtype(model.dtype).itemsize, force=FLAGS.force_full)
+    pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, prompts.parse_pairs(FLAGS.pairs),
+                                 cfg.n_positions)
+    grams = None
+    if opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats and len(pairs) > 1:
+        t = time.perf_counter()
+        grams = jacobians.mlp_grams_for(model, jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site))
+        logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
+                     time.perf_counter() - t)
+    for pair in io.progress(pairs, desc="pairs"):
+        res, secs = run_pair(model, pair, opts, grams)
+        label = pair.label.replace("->", "-").replace("/", "_")
+        path = os.path.join(out_dir, f"jacobians_{label}.npz")
+        io.atomic_save_npz(path, sweep_seconds=np.float64(secs), **res)
+        logging.info("%s: sweep %.2fs -> %s", label, secs, path)
+        if FLAGS.figures:
+            for f in _plot(res, label, out_dir):
+                logging.info("figure %s", f)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,122 @@
+"""Closed-form MLP Jacobians and their exact Frobenius norms from per-layer Gram matrices.
+
+The MLP of block ``l`` as a function of ``h = hook_resid_mid`` (one position, ln_2 included)::
+
+    u   = LN(h) = w * y + b,   y = (h - mean(h)) / s,   s = sqrt(var(h) + eps)
+    pre = u @ W_in + b_in       (HF Conv1D layout: W_in [d, m])
+    out = gelu(pre) @ W_out + b_out                     (W_out [m, d])
+
+With ``J[i, j] = d out_i / d h_j`` (shape [d_out, d_in]) and ``g = gelu'(pre)``::
+
+    J = W_out^T diag(g) W_in^T L,   L = dLN/dh = diag(w) (I - 1 1^T/d - y y^T/d) / s
+
+Write ``Wt = diag(w) W_in`` and ``Wc`` for ``Wt`` with its mean over the ``d`` rows removed
+(``Wt^T (I - 1 1^T/d) = Wc^T``; ``y`` has zero mean, so ``Wt^T y = Wc^T y =: q``). Then::
+
+    B := W_in^T L = (Wc^T - q y^T / d) / s                       [m, d]
+    J = A diag(g) B,   A := W_out^T                             [d, m]
+
+Exact Frobenius norm without forming J (``o`` = elementwise product)::
+
+    ||J||_F^2 = g^T ((A^T A) o (B B^T)) g
+    B B^T     = (Wc^T Wc - beta q q^T) / s^2,   beta = (2 - |y|^2/d) / d
+    ||J||_F^2 = [ g^T M g - beta (g o q)^T G (g o q) ] / s^2
+
+with the per-layer Gram matrices ``G = W_out W_out^T`` and ``M = G o (Wc^T Wc)`` (both [m, m],
+independent of the input, so computed once per layer and reusable across prompt pairs). Each
+step then costs O(m d) for ``pre``/``q`` and O(m^2) for the two quadratic forms, instead of the
+O(m d^2) of a dense product. In identity-LayerNorm mode (``ln_mode="identity"``) L = I and
+``||J||_F^2 = g^T (G o (W_in^T W_in)) g`` (``beta`` = 0, ``s`` = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from plateau_jax.config import GPT2Config
+from plateau_jax.modules import gelu_new
+
+Array = jax.Array
+
+
+def _ln_parts(block_params, config: GPT2Config, h: Array):
+    """(u = LN(h), y, s) for h [..., d]; identity mode gives (h, None, 1)."""
+    if config.ln_mode == "identity":
+        return h, None, jnp.ones(h.shape[:-1] + (1,), h.dtype)
+    w = block_params["ln_2"]["weight"].astype(h.dtype)
+    b = block_params["ln_2"]["bias"].astype(h.dtype)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    s = jnp.sqrt(var + config.layer_norm_epsilon)
+    y = (h - mean) / s
+    return y * w + b, y, s
+
+
+def _pre_and_slope(block_params, config, h):
+    u, y, s = _ln_parts(block_params, config, h)
+    fc = block_params["mlp"]["c_fc"]
+    pre = u @ fc["weight"].astype(h.dtype) + fc["bias"].astype(h.dtype)
+    g = jax.jvp(gelu_new, (pre,), (jnp.ones_like(pre),))[1]
+    return pre, g, y, s
+
+
+def _wc(block_params, config, dtype):
+    """``Wc`` [d, m]: LN-weight-scaled W_in, centred over d (just W_in in identity mode)."""
+    w_in = block_params["mlp"]["c_fc"]["weight"].astype(dtype)
+    if config.ln_mode == "identity":
+        return w_in
+    wt = block_params["ln_2"]["weight"].astype(dtype)[:, None] * w_in
+    return wt - jnp.mean(wt, axis=0, keepdims=True)
+
+
+def mlp_jacobian(block_params, config: GPT2Config, h: Array) -> Array:
+    """Closed-form ``d hook_mlp_out / d hook_resid_mid`` at ``h`` [..., d] -> [..., d, d].
+
+    ``block_params`` is ``model.params["h"][str(layer)]``. One [d, m] x [m, d] product per step.
+    """
+    _, g, y, s = _pre_and_slope(block_params, config, h)
+    wc = _wc(block_params, config, h.dtype)
+    w_out = block_params["mlp"]["c_proj"]["weight"].astype(h.dtype)  # [m, d]
+    if config.ln_mode == "identity":
+        B = jnp.broadcast_to(wc.T, h.shape[:-1] + wc.T.shape)
+    else:
+        d = h.shape[-1]
+        q = y @ wc  # [..., m]
+        B = (wc.T - q[..., :, None] * y[..., None, :] / d) / s[..., None]  # [..., m, d]
+    A_g = w_out.T * g[..., None, :]  # [..., d, m]
+    return A_g @ B
+
+
+def mlp_grams(block_params, config: GPT2Config, dtype=None) -> Dict[str, Array]:
+    """Per-layer Gram matrices ``{"G": W_out W_out^T, "M": G o (Wc^T Wc)}``, each [m, m].
+
+    They depend only on the weights: compute once per layer (O(m^2 d)), reuse for every step and
+    every prompt pair. Memory: 2 m^2 floats per layer (GPT-2 small 75 MB, Large 210 MB).
+    """
+    dtype = dtype or block_params["mlp"]["c_fc"]["weight"].dtype
+    w_out = block_params["mlp"]["c_proj"]["weight"].astype(dtype)
+    wc = _wc(block_params, config, dtype)
+    G = w_out @ w_out.T
+    return {"G": G, "M": G * (wc.T @ wc)}
+
+
+def mlp_frobenius_gram(block_params, config: GPT2Config, h: Array, grams=None) -> Array:
+    """Exact ``||d mlp_out / d resid_mid||_F`` at ``h`` [N, d] -> [N], without forming J.
+
+    ``grams`` from :func:`mlp_grams` (computed here if None). Cost per step O(m d + m^2).
+    """
+    grams = grams if grams is not None else mlp_grams(block_params, config, h.dtype)
+    G, M = grams["G"].astype(h.dtype), grams["M"].astype(h.dtype)
+    _, g, y, s = _pre_and_slope(block_params, config, h)
+    sq = jnp.sum((g @ M) * g, axis=-1)
+    if config.ln_mode != "identity":
+        d = h.shape[-1]
+        wc = _wc(block_params, config, h.dtype)
+        q = y @ wc
+        beta = (2.0 - jnp.sum(y * y, axis=-1) / d) / d
+        gq = g * q
+        sq = (sq - beta * jnp.sum((gq @ G) * gq, axis=-1)) / jnp.square(s[..., 0])
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
