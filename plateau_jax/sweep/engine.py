@@ -148,6 +148,16 @@ def _batch_curves(params, grams, ids, lengths, tok_a, tok_b, *, config, layer, s
     return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(params, grams, prefix, tok_a, tok_b)
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(config, layer: int, spec: SweepSpec, mesh: Mesh):
+    """One jitted, shard-mapped batch function per (config, layer, spec, mesh), shared by engines."""
+    body = functools.partial(_batch_curves, config=config, layer=layer, spec=spec)
+    mapped = jax.shard_map(body, mesh=mesh,
+                           in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+                           out_specs=P(AXIS), check_vma=False)
+    return jax.jit(mapped)
+
+
 class SweepEngine:
     """Runs batches of pairs for a :class:`SweepSpec` on a mesh (default: all devices).
 
@@ -170,7 +180,6 @@ class SweepEngine:
                  for l in range(first, self.config.n_layer)}
         self.params = self._global(model.params, self._repl)
         self.grams = self._global(grams, self._repl)
-        self._fns = {}
 
     def _global(self, tree, sharding):
         """Host values (identical on every process) -> global arrays with ``sharding``."""
@@ -180,21 +189,17 @@ class SweepEngine:
         return jax.tree_util.tree_map(one, tree)
 
     def _fn(self, layer: int):
-        if layer not in self._fns:
-            body = functools.partial(_batch_curves, config=self.config, layer=layer, spec=self.spec)
-            mapped = jax.shard_map(body, mesh=self.mesh,
-                                   in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
-                                   out_specs=P(AXIS), check_vma=False)
-            self._fns[layer] = jax.jit(mapped)
-        return self._fns[layer]
+        return _compiled(self.config, layer, self.spec, self.mesh)
 
     def padded_size(self, n: int) -> int:
         return -(-n // self.n_devices) * self.n_devices
 
-    def run(self, layer: int, ids, lengths, tok_a, tok_b) -> Dict[str, np.ndarray]:
+    def run(self, layer: int, ids, lengths, tok_a, tok_b, pad_to: Optional[int] = None
+            ) -> Dict[str, np.ndarray]:
+        """``pad_to``: pad the batch to this many pairs first (a fixed shape: one compilation)."""
         ids = np.asarray(ids, np.int32)
         B = ids.shape[0]
-        pad = self.padded_size(B) - B
+        pad = self.padded_size(max(B, pad_to or 0)) - B
         rows = [ids, np.asarray(lengths, np.int32), np.asarray(tok_a, np.int32),
                 np.asarray(tok_b, np.int32)]
         if pad:  # repeat the last pair; its results are dropped

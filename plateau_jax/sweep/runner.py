@@ -149,10 +149,10 @@ def _expand(stat: np.ndarray, layer: int, n_layer: int) -> np.ndarray:
     return out
 
 
-def _run_batch(engine: SweepEngine, layer, ids, lengths, ta, tb):
+def _run_batch(engine: SweepEngine, layer, ids, lengths, ta, tb, pad_to):
     """Engine call; if the batch fails, pairs run one by one and failures are returned."""
     try:
-        return engine.run(layer, ids, lengths, ta, tb), {}
+        return engine.run(layer, ids, lengths, ta, tb, pad_to=pad_to), {}
     except Exception as e:  # a bad pair must not stop the sweep
         logging.warning("batch failed (%s); retrying its pairs one at a time", e)
     outs, failed = [], {}
@@ -220,7 +220,7 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
         lengths = np.array([len(p.context_ids) for _, p in chunk], np.int32)
         ta = np.array([p.token_a for _, p in chunk], np.int32)
         tb = np.array([p.token_b for _, p in chunk], np.int32)
-        curves, failed = _run_batch(engine, L, ids, lengths, ta, tb)
+        curves, failed = _run_batch(engine, L, ids, lengths, ta, tb, batch_size)
         st = stats_lib.pair_stats(curves, spec.alpha, plateau_tol, plateau_width)
         ok = curves["finite"].astype(bool) & np.array([j not in failed for j in range(len(chunk))])
         reasons = [failed.get(j, "" if ok[j] else f"non-finite values interpolating at layer {L}")
