@@ -1,8 +1,11 @@
 """Shared settings for the sweep tests (one spec, so each compiled program is reused)."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -13,6 +16,11 @@ SPEC = SweepSpec(layers=(0,), n_steps=8, path="slerp", component="resid_post", t
 BATCH = 4  # pairs per batch in every in-process test: one compiled program for all of them
 CONTEXTS = ["The house was", "The cat sat on the", "It is", "The sky is blue . The man was"]
 ENDINGS = [(" big", " in"), (" big", " large"), (" red", " small"), (" happy", " tall")]
+# A compilation cache shared with the test subprocesses, so that a subprocess running the same
+# program as this process (the kill/resume test) loads it instead of compiling it again.
+CACHE_DIR = tempfile.mkdtemp(prefix="plateau_jax_sweep_xla_")
+atexit.register(shutil.rmtree, CACHE_DIR, True)
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,6 +44,6 @@ def one_device_engine(model):
 
 def run_py(code, env_extra=None, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", PLATEAU_JAX_NO_PROGRESS="1",
-               JAX_PLATFORMS="cpu", **(env_extra or {}))
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR, **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)

@@ -1,6 +1,8 @@
 """The engine's curves and statistics against plain numpy on activations recorded through the
 public API (unpadded prefixes, full forward for the endpoints, autodiff Jacobians)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,17 +40,20 @@ def _kl(p, q):
     return np.sum(np.exp(lp) * (lp - lq), -1)
 
 
-def _mlp_fro(params, cfg, layer, h):
-    bp = params["h"][str(layer)]
-
-    def mlp(x):
+@functools.partial(jax.jit, static_argnums=2)
+def _mlp_fro_jit(bp, h, eps):
+    def mlp(x):  # ln_2 + MLP of one position, written out
         mu = x.mean()
         v = ((x - mu) ** 2).mean()
-        u = (x - mu) / jnp.sqrt(v + cfg.layer_norm_epsilon) * bp["ln_2"]["weight"] + bp["ln_2"]["bias"]
+        u = (x - mu) / jnp.sqrt(v + eps) * bp["ln_2"]["weight"] + bp["ln_2"]["bias"]
         pre = u @ bp["mlp"]["c_fc"]["weight"] + bp["mlp"]["c_fc"]["bias"]
         return gelu_new(pre) @ bp["mlp"]["c_proj"]["weight"] + bp["mlp"]["c_proj"]["bias"]
 
-    jac = jax.jit(jax.vmap(jax.jacfwd(mlp)))(jnp.asarray(h, jnp.float32))
+    return jax.vmap(jax.jacfwd(mlp))(h)
+
+
+def _mlp_fro(params, cfg, layer, h):
+    jac = _mlp_fro_jit(params["h"][str(layer)], jnp.asarray(h, jnp.float32), cfg.layer_norm_epsilon)
     return np.linalg.norm(np.asarray(jac, np.float64), axis=(-2, -1))
 
 

@@ -13,7 +13,7 @@ import pytest
 import plateau_jax as pj
 from plateau_jax.sweep import inputs, pair_stats, runner
 
-from sweep_helpers import BATCH, ROOT, SPEC, batch, one_device_engine, run_py
+from sweep_helpers import BATCH, CACHE_DIR, ROOT, SPEC, batch, one_device_engine, run_py
 
 ROWS = [{"context": c, "ending_a": a, "ending_b": b}
         for c, (a, b) in zip(["The house was", "The cat sat on the", "It is", "The man was",
@@ -50,7 +50,7 @@ def _shards(out):
 def test_kill_then_resume_equals_uninterrupted(tiny_dir, tiny_model, pairs_file, tmp_path):
     killed = str(tmp_path / "killed")
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", PLATEAU_JAX_NO_PROGRESS="1",
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE_DIR)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(_cmd(tiny_dir, pairs_file, killed), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
