@@ -224,3 +224,39 @@ def test_save_load_roundtrip(tmp_path, tiny_model):
     again = plateau_jax.load_gpt2(str(tmp_path))
     assert _tree_equal(again.params, tiny_model.params)
     assert again.config == tiny_model.config
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_reads_exactly(tmp_path, tiny_dir, tiny_model, stored):
+    """16-bit safetensors are read bit-exactly and cast to the requested dtype."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+    np_dtype = ml_dtypes.bfloat16 if stored == "bfloat16" else np.float16
+    flat = plateau_jax.loading._flatten(jax.device_get(tiny_model.params))
+    save_file({"transformer." + k: np.asarray(v).astype(np_dtype) for k, v in flat.items()},
+              tmp_path / "model.safetensors")
+    for f in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_dir, f), tmp_path / f)
+    m = plateau_jax.load_gpt2(str(tmp_path))
+    got = plateau_jax.loading._flatten(jax.device_get(m.params))
+    for k, v in flat.items():
+        np.testing.assert_array_equal(got[k], np.asarray(v).astype(np_dtype).astype(np.float32))
+
+
+def test_package_works_with_torch_unimportable(tiny_dir):
+    """torch is a test-only reference: with ``import torch`` made to fail, loading (tokenizer
+    included) and the forward pass still work."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None; import plateau_jax; "
+            "m = plateau_jax.load_gpt2(sys.argv[1]); "
+            "print(plateau_jax.forward(m, m.to_tokens('The house was big'))[0].shape)")
+    out = subprocess.run([sys.executable, "-c", code, tiny_dir], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(1, 4, 400)")
+    import pathlib
+    import re
+    src = pathlib.Path(plateau_jax.__file__).parent
+    offenders = [str(p) for p in src.rglob("*.py")
+                 if re.search(r"^\s*(import|from)\s+torch\b", p.read_text(), re.M)]
+    assert offenders == []
