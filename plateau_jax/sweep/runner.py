@@ -1,0 +1,266 @@
+"""A resumable sweep on disk: manifest, one shard per (interpolation layer, batch), errors.
+
+Layout of ``output_dir``::
+
+    manifest.json          exact configuration + its hash; a rerun with another config is refused
+    pairs.jsonl            the valid pairs in sweep order (index, source line, text, token ids)
+    errors.jsonl           rejected rows and failed pairs: {"line", "reason", "row"}
+    shards/L{L:02d}_b{i:06d}.npz   per-pair statistics and small curves of batch i at layer L
+
+Each shard is written with an atomic rename, so one that exists is complete; a restarted run
+with the same command skips those and computes the rest, ending with the same files as an
+uninterrupted run. Under ``jax.distributed`` every process runs the same loop; process 0
+decides what is left to do and writes the files (use a directory process 0 can write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from plateau_jax import io
+from plateau_jax.model import GPT2
+from plateau_jax.prompts import PromptPair
+from plateau_jax.sweep import stats as stats_lib
+from plateau_jax.sweep.engine import SweepEngine, SweepSpec
+from plateau_jax.sweep.inputs import RowError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory holds a sweep with a different configuration."""
+
+
+def canonical_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: GPT2) -> str:
+    """Hash of the config and of every parameter's bytes (exact; one pass over the weights)."""
+    h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True, default=str).encode())
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(model.params),
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def pairs_fingerprint(pairs: Sequence[Tuple[int, PromptPair]]) -> str:
+    h = hashlib.sha256()
+    for line, p in pairs:
+        h.update(json.dumps([line, p.context_ids.tolist(), p.token_a, p.token_b]).encode())
+    return h.hexdigest()
+
+
+def target_labels(n_layer: int) -> List[str]:
+    """Target axis of every stored statistic: layers 0..n_layer-1, then the logits."""
+    return [str(l) for l in range(n_layer)] + ["logits"]
+
+
+def shard_path(output_dir: str, layer: int, batch: int) -> str:
+    return os.path.join(output_dir, "shards", f"L{layer:02d}_b{batch:06d}.npz")
+
+
+def context_length(pairs) -> int:
+    """Padded context length: the longest context, rounded up to a multiple of 8."""
+    longest = max(len(p.context_ids) for _, p in pairs)
+    return int(-(-longest // 8) * 8)
+
+
+def sweep_config(model: GPT2, pairs, spec: SweepSpec, batch_size: int, plateau_tol: float,
+                 plateau_width: float, extra: Optional[dict] = None) -> dict:
+    """Everything that determines the sweep's results (hashed into the manifest)."""
+    return {
+        "format": FORMAT_VERSION,
+        "spec": {"layers": list(spec.layers), "n_steps": spec.n_steps, "path": spec.path,
+                 "component": spec.component, "tol": spec.tol, "entry_site": "resid_post"},
+        "batch_size": int(batch_size),
+        "context_length": context_length(pairs) if pairs else 0,
+        "plateau_tol": float(plateau_tol),
+        "plateau_width": float(plateau_width),
+        "model": {"name": model.name, "config": model.config.__dict__,
+                  "fingerprint": model_fingerprint(model), "dtype": str(model.dtype)},
+        "pairs": {"n": len(pairs), "fingerprint": pairs_fingerprint(pairs)},
+        **(extra or {}),
+    }
+
+
+def _diff_keys(a, b, prefix=""):
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, prefix + k + ".")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} (on disk) vs {vb!r} (now)")
+    return out
+
+
+def open_output(output_dir: str, config: dict) -> str:
+    """Creates or checks ``manifest.json``; returns the config hash.
+
+    Raises :class:`ConfigMismatchError` (naming the differing settings) if the directory holds
+    a sweep with another configuration.
+    """
+    io.prepare_output_dir(output_dir)
+    os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
+    h = canonical_hash(config)
+    path = os.path.join(output_dir, MANIFEST)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("config_hash") != h:
+            diffs = _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
+                               json.loads(json.dumps(config, default=str)))
+            raise ConfigMismatchError(
+                f"{output_dir!r} holds a sweep with a different configuration; refusing to mix "
+                f"results. Differences: {'; '.join(diffs[:10]) or 'format'}. Use a new "
+                "--output_dir or the original settings.")
+        return h
+    if jax.process_index() == 0:
+        io.atomic_write_json(path, {"config": config, "config_hash": h,
+                                    **io.run_metadata()})
+    return h
+
+
+def _shard_ok(path: str, h: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    try:
+        with np.load(path) as z:
+            return str(z["config_hash"]) == h
+    except Exception:  # unreadable: recompute (atomic writes make this rare)
+        return False
+
+
+def _expand(stat: np.ndarray, layer: int, n_layer: int) -> np.ndarray:
+    """``[B, T_L]`` (downstream layers, logits) -> ``[B, n_layer + 1]`` with NaN upstream."""
+    out = np.full((stat.shape[0], n_layer + 1), np.nan)
+    out[:, layer + 1:] = stat
+    return out
+
+
+def _run_batch(engine: SweepEngine, layer, ids, lengths, ta, tb, pad_to):
+    """Engine call; if the batch fails, pairs run one by one and failures are returned."""
+    try:
+        return engine.run(layer, ids, lengths, ta, tb, pad_to=pad_to), {}
+    except Exception as e:  # a bad pair must not stop the sweep
+        logging.warning("batch failed (%s); retrying its pairs one at a time", e)
+    outs, failed = [], {}
+    for i in range(len(ids)):
+        try:
+            outs.append(engine.run(layer, ids[i:i + 1], lengths[i:i + 1], ta[i:i + 1], tb[i:i + 1]))
+        except Exception as e:
+            failed[i] = f"{type(e).__name__}: {e}"
+            outs.append(None)
+    ref = next((o for o in outs if o is not None), None)
+    if ref is None:
+        raise RuntimeError("every pair of the batch failed: " + "; ".join(failed.values()))
+    outs = [o if o is not None else {k: np.full_like(v, np.nan if v.dtype.kind == "f" else 0)
+                                     for k, v in ref.items()} for o in outs]
+    return {k: np.concatenate([o[k] for o in outs]) for k in ref}, failed
+
+
+def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepSpec,
+              output_dir: str, *, batch_size: int = 64, plateau_tol: float = 0.05,
+              plateau_width: float = 0.5, input_errors: Sequence[RowError] = (),
+              extra_config: Optional[dict] = None, engine: Optional[SweepEngine] = None,
+              show_progress: bool = True) -> dict:
+    """Runs (or resumes) a sweep into ``output_dir``; returns a small summary dict."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1.")
+    pairs = list(pairs)
+    config = sweep_config(model, pairs, spec, batch_size, plateau_tol, plateau_width, extra_config)
+    h = open_output(output_dir, config)
+    n_layer = model.config.n_layer
+    primary = jax.process_index() == 0
+    if primary:
+        io.atomic_write_bytes(os.path.join(output_dir, "pairs.jsonl"), "".join(
+            json.dumps({"index": i, "line": line, "context": p.context, "ending_a": p.ending_a,
+                        "ending_b": p.ending_b, "context_ids": p.context_ids.tolist(),
+                        "token_a": p.token_a, "token_b": p.token_b}) + "\n"
+            for i, (line, p) in enumerate(pairs)).encode())
+    n_batches = -(-len(pairs) // batch_size) if pairs else 0
+    units = [(L, i) for i in range(n_batches) for L in spec.layers]
+    todo = np.array([not _shard_ok(shard_path(output_dir, L, i), h) for L, i in units], bool)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo)).astype(bool)
+    T = config["context_length"]
+    size = lambda i: min(batch_size, len(pairs) - i * batch_size)
+    done_pairs = sum(size(i) for (L, i), t in zip(units, todo) if not t)
+    total = len(pairs) * len(spec.layers)
+    if todo.any() and engine is None:
+        engine = SweepEngine(model, spec)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"sweep ({len(spec.layers)} layer(s))", total=total, initial=done_pairs,
+               unit="pair", dynamic_ncols=True, smoothing=0.1,
+               disable=bool(os.environ.get("PLATEAU_JAX_NO_PROGRESS")) or not (show_progress
+                                                                            and primary))
+    delay = float(os.environ.get("PLATEAU_JAX_SWEEP_TEST_DELAY", "0") or 0)
+    t0 = time.time()
+    computed = 0
+    for (L, i), need in zip(units, todo):
+        if not need:
+            continue
+        chunk = pairs[i * batch_size:(i + 1) * batch_size]
+        ids = np.zeros((len(chunk), T), np.int32)
+        for j, (_, p) in enumerate(chunk):
+            ids[j, :len(p.context_ids)] = p.context_ids
+        lengths = np.array([len(p.context_ids) for _, p in chunk], np.int32)
+        ta = np.array([p.token_a for _, p in chunk], np.int32)
+        tb = np.array([p.token_b for _, p in chunk], np.int32)
+        curves, failed = _run_batch(engine, L, ids, lengths, ta, tb, batch_size)
+        st = stats_lib.pair_stats(curves, spec.alpha, plateau_tol, plateau_width)
+        ok = curves["finite"].astype(bool) & np.array([j not in failed for j in range(len(chunk))])
+        reasons = [failed.get(j, "" if ok[j] else f"non-finite values interpolating at layer {L}")
+                   for j in range(len(chunk))]
+        if primary:
+            arrays = {"config_hash": np.array(h), "layer": np.array(L), "batch": np.array(i),
+                      "pair_index": np.arange(i * batch_size, i * batch_size + len(chunk)),
+                      "line": np.array([line for line, _ in chunk]), "ok": ok,
+                      "reason": np.array(reasons, dtype=str)}
+            arrays.update({f"stat_{k}": _expand(v, L, n_layer) for k, v in st.items()})
+            arrays.update({f"curve_{k}": v for k, v in curves.items()})
+            io.atomic_save_npz(shard_path(output_dir, L, i), **arrays)
+        computed += len(chunk)
+        bar.update(len(chunk))
+        if delay:
+            time.sleep(delay)
+    bar.close()
+    dt = time.time() - t0
+    if primary:
+        write_errors(output_dir, input_errors, spec)
+    return {"n_pairs": len(pairs), "n_batches": n_batches, "computed_pairs": computed,
+            "seconds": dt, "pairs_per_s": computed / dt if dt > 0 and computed else None,
+            "config_hash": h}
+
+
+def write_errors(output_dir: str, input_errors: Sequence[RowError], spec: SweepSpec) -> str:
+    """``errors.jsonl``: rejected input rows, then pairs that failed in the sweep (from shards)."""
+    lines = [json.dumps(e.as_json()) for e in sorted(input_errors, key=lambda e: e.line)]
+    pairs_by_index = {}
+    shard_dir = os.path.join(output_dir, "shards")
+    for name in sorted(os.listdir(shard_dir)):
+        if not name.endswith(".npz"):
+            continue
+        with np.load(os.path.join(shard_dir, name)) as z:
+            for idx, line, ok, why in zip(z["pair_index"], z["line"], z["ok"], z["reason"]):
+                if not ok:
+                    pairs_by_index.setdefault(int(idx), (int(line), []))[1].append(str(why))
+    for idx in sorted(pairs_by_index):
+        line, why = pairs_by_index[idx]
+        lines.append(json.dumps({"line": line, "reason": "; ".join(why), "row": f"pair {idx}"}))
+    path = os.path.join(output_dir, "errors.jsonl")
+    io.atomic_write_bytes(path, "".join(l + "\n" for l in lines).encode())
+    return path

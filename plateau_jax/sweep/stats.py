@@ -1,0 +1,147 @@
+"""Per-pair statistics: small curves reduced on device, scalar statistics on the host.
+
+Device side (JAX, inside the sharded call; never returns raw activations): for every recording
+target (each downstream layer's component, then the logits) the relative-distance curve ``r`` and
+step sizes; for every downstream MLP the exact Jacobian Frobenius norm at each step and the
+spline Hamming counts and ``resid_mid`` step lengths; KL of the next-token distributions.
+
+Host side (numpy, float64, :func:`pair_stats`): sharpness and boundary from issue 3's metrics
+(via :mod:`plateau_jax.sweep.backends`), plateau widths, KL at the boundary, Jacobian-norm and
+spline-density peaks, and the refined boundary from the device bracket.
+
+Definitions (``n`` steps at ``alpha_k``; ``k*`` the steepest step of ``r``):
+
+* ``S_grid = max_k (r_{k+1}-r_k)/(alpha_{k+1}-alpha_k)``, ``alpha*_grid = (alpha_k* + alpha_k*+1)/2``.
+* ``S_ref``, ``alpha*_ref``: after bisecting the steepest step to ``tol`` (:mod:`.refine`).
+* plateau widths: ``width_a = max{alpha_k : r_j <= tol_p for all j <= k}``,
+  ``width_b = 1 - min{alpha_k : r_j >= 1 - tol_p for all j >= k}`` (tol_p = 0.05 by default),
+  ``width = width_a + width_b`` (a straight line ``r = alpha`` gives about 2 tol_p), and a pair
+  counts as a plateau at a target when ``width >= plateau_width`` (default 0.5).
+* ``kl_boundary_grid = KL(p(alpha_k*) || p(alpha_k*+1))`` (nats): how much the next-token
+  distribution changes across the boundary step; ``kl_boundary_ref`` the same across the refined
+  bracket. ``kl_ab = KL(p_A || p_B)`` for scale.
+* ``jac_peak_alpha``/``jac_peak``: argmax over steps (first on ties) and max of
+  ``||d mlp_out_l / d resid_mid_l||_F`` for the MLP of the recording layer l (its MLP runs before
+  its resid_post); NaN for the logits target.
+* ``spline_peak_alpha``/``spline_peak``: midpoint of the step with the largest spline density
+  ``h_k = Hamming(c_k, c_k+1)/|resid_mid_k+1 - resid_mid_k|`` of layer l, and that density.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plateau_jax.sweep import backends
+
+# ----------------------------------------------------------------------------- device side
+
+
+def rel_distance(y):
+    """``[..., n, X] -> [..., n]``: |y_k - y_0| / (|y_k - y_0| + |y_k - y_{n-1}|) (JAX)."""
+    da = jnp.linalg.norm(y - y[..., :1, :], axis=-1)
+    db = jnp.linalg.norm(y - y[..., -1:, :], axis=-1)
+    return da / (da + db)
+
+
+def rel_distance_to(y, y0, y1):
+    """Relative distance of points ``y`` ``[..., X]`` to given endpoints ``y0``, ``y1``."""
+    da = jnp.linalg.norm(y - y0, axis=-1)
+    db = jnp.linalg.norm(y - y1, axis=-1)
+    return da / (da + db)
+
+
+def step_norms(y):
+    """``[..., n, X] -> [..., n-1]``: |y_{k+1} - y_k|."""
+    return jnp.linalg.norm(jnp.diff(y, axis=-2), axis=-1)
+
+
+def hamming_steps(pre):
+    """``[..., n, m] -> [..., n-1]``: neurons whose sign (pre > 0) flips between steps."""
+    c = pre > 0
+    return jnp.sum(c[..., 1:, :] != c[..., :-1, :], axis=-1).astype(jnp.float32)
+
+
+def kl_logp(lp, lq):
+    """KL(p || q) from log-probabilities over the last axis."""
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+# ----------------------------------------------------------------------------- host side
+
+STAT_NAMES = ("S_grid", "alpha_grid", "S_ref", "alpha_ref", "ref_width", "width_a", "width_b",
+              "width", "plateau", "kl_boundary_grid", "kl_boundary_ref", "jac_peak_alpha",
+              "jac_peak", "spline_peak_alpha", "spline_peak")
+
+
+def plateau_widths(r, alpha, tol: float = 0.05):
+    """``(width_a, width_b)`` of ``r`` ``[..., n]``: how far from each endpoint r stays within
+    ``tol`` of that endpoint's value (0 and 1); NaN entries never count as within."""
+    r = np.asarray(r, np.float64)
+    alpha = np.asarray(alpha, np.float64)
+    near_a = np.nan_to_num(r, nan=np.inf) <= tol
+    near_b = np.nan_to_num(r, nan=-np.inf) >= 1.0 - tol
+    run_a = np.cumprod(near_a, axis=-1).astype(bool)                 # True while all j <= k near A
+    run_b = np.cumprod(near_b[..., ::-1], axis=-1)[..., ::-1].astype(bool)
+    wa = np.max(np.where(run_a, alpha, 0.0), axis=-1)
+    wb = 1.0 - np.min(np.where(run_b, alpha, 1.0), axis=-1)
+    return wa, wb
+
+
+def _take(v, k):
+    return np.take_along_axis(v, k[..., None], axis=-1)[..., 0]
+
+
+def _argmax_nan(v):
+    """argmax over the last axis with NaN never winning; (index, value) with value NaN if all NaN."""
+    v = np.asarray(v, np.float64)
+    k = np.argmax(np.where(np.isnan(v), -np.inf, v), axis=-1)
+    val = _take(v, k)
+    allnan = np.all(np.isnan(v), axis=-1)
+    return k, np.where(allnan, np.nan, val)
+
+
+def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
+               plateau_width: float = 0.5) -> Dict[str, np.ndarray]:
+    """Scalar statistics per (pair, target) from the device curves.
+
+    ``curves`` (``P`` pairs, ``T`` targets = ``nl`` layers then the logits)::
+
+      r [P, T, n], jac [P, nl, n], hamming [P, nl, n-1], mid_step [P, nl, n-1],
+      kl_next [P, n-1], ref_lo, ref_hi, ref_r_lo, ref_r_hi, ref_kl [P, T]
+
+    Returns ``{name: [P, T]}`` for every name in :data:`STAT_NAMES` (``plateau`` as 0/1).
+    """
+    alpha = np.asarray(alpha, np.float64)
+    r = np.asarray(curves["r"], np.float64)
+    P, T, n = r.shape
+    nl = curves["jac"].shape[1]
+    out = {"S_grid": backends.sharpness(r, alpha), "alpha_grid": backends.boundary(r, alpha)}
+    s = backends.slopes(r, alpha)
+    k = np.argmax(np.where(np.isnan(s), -np.inf, s), axis=-1)  # the same k* as boundary()
+    kl_next = np.asarray(curves["kl_next"], np.float64)
+    out["kl_boundary_grid"] = np.where(np.isnan(out["S_grid"]), np.nan,
+                                       np.take_along_axis(kl_next, k, axis=-1))
+    lo, hi = (np.asarray(curves[c], np.float64) for c in ("ref_lo", "ref_hi"))
+    rlo, rhi = (np.asarray(curves[c], np.float64) for c in ("ref_r_lo", "ref_r_hi"))
+    out["alpha_ref"] = 0.5 * (lo + hi)
+    out["S_ref"] = (rhi - rlo) / (hi - lo)
+    out["ref_width"] = hi - lo
+    out["kl_boundary_ref"] = np.asarray(curves["ref_kl"], np.float64)
+    wa, wb = plateau_widths(r, alpha, plateau_tol)
+    out["width_a"], out["width_b"], out["width"] = wa, wb, wa + wb
+    out["plateau"] = (out["width"] >= plateau_width).astype(np.float64)
+    nan_t = np.full((P, T - nl), np.nan)
+    kj, hj = _argmax_nan(curves["jac"])
+    out["jac_peak_alpha"] = np.concatenate([np.where(np.isnan(hj), np.nan, alpha[kj]), nan_t], 1)
+    out["jac_peak"] = np.concatenate([hj, nan_t], 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dens = np.asarray(curves["hamming"], np.float64) / np.asarray(curves["mid_step"], np.float64)
+    ks, hs = _argmax_nan(dens)
+    mid = 0.5 * (alpha[1:] + alpha[:-1])
+    out["spline_peak_alpha"] = np.concatenate([np.where(np.isnan(hs), np.nan, mid[ks]), nan_t], 1)
+    out["spline_peak"] = np.concatenate([hs, nan_t], 1)
+    return out

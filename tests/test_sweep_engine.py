@@ -1,0 +1,117 @@
+"""The engine's curves and statistics against plain numpy on activations recorded through the
+public API (unpadded prefixes, full forward for the endpoints, autodiff Jacobians)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import plateau_jax as pj
+from plateau_jax import paths
+from plateau_jax.modules import gelu_new
+from plateau_jax.sweep import pair_stats
+
+from sweep_helpers import BATCH, SPEC, batch, one_device_engine
+
+
+@pytest.fixture(scope="module")
+def engine_out(tiny_model):
+    pairs, ids, lengths, ta, tb = batch(tiny_model, 2)  # two context lengths: padding exercised
+    return pairs, one_device_engine(tiny_model).run(0, ids, lengths, ta, tb, pad_to=BATCH)
+
+
+def _np_r(y):
+    y = np.asarray(y, np.float64)
+    da = np.linalg.norm(y - y[:1], axis=-1)
+    db = np.linalg.norm(y - y[-1:], axis=-1)
+    return da / (da + db)
+
+
+def _lsm(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _kl(p, q):
+    lp, lq = _lsm(p), _lsm(q)
+    return np.sum(np.exp(lp) * (lp - lq), -1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _mlp_fro_jit(bp, h, eps):
+    def mlp(x):  # ln_2 + MLP of one position, written out
+        mu = x.mean()
+        v = ((x - mu) ** 2).mean()
+        u = (x - mu) / jnp.sqrt(v + eps) * bp["ln_2"]["weight"] + bp["ln_2"]["bias"]
+        pre = u @ bp["mlp"]["c_fc"]["weight"] + bp["mlp"]["c_fc"]["bias"]
+        return gelu_new(pre) @ bp["mlp"]["c_proj"]["weight"] + bp["mlp"]["c_proj"]["bias"]
+
+    return jax.vmap(jax.jacfwd(mlp))(h)
+
+
+def _mlp_fro(params, cfg, layer, h):
+    jac = _mlp_fro_jit(params["h"][str(layer)], jnp.asarray(h, jnp.float32), cfg.layer_norm_epsilon)
+    return np.linalg.norm(np.asarray(jac, np.float64), axis=(-2, -1))
+
+
+def test_curves_and_stats_match_numpy(tiny_model, engine_out):
+    model, cfg = tiny_model, tiny_model.config
+    assert cfg.n_layer == 3
+    pairs, out = engine_out
+    alpha = SPEC.alpha
+    layers = list(range(1, cfg.n_layer))
+    for i, p in enumerate(pairs):
+        ends = []
+        for tok in (p.token_a, p.token_b):  # endpoints from a plain full forward
+            ids = np.concatenate([p.context_ids, [tok]])[None]
+            _, c = pj.forward(model, ids, sites=["blocks.0.hook_resid_post"])
+            ends.append(np.asarray(c["blocks.0.hook_resid_post"][0, -1]))
+        prefix = pj.run_prefix(model, p.context_ids)
+        xs = paths.interpolate(jnp.asarray(ends[0]), jnp.asarray(ends[1]), alpha, "slerp")
+        sites = [pj.site(l, s) for l in layers for s in ("resid_post", "resid_mid", "mlp.hook_pre")]
+        logits, rec = pj.continue_from(model, prefix, xs, 0, "resid_post", sites=sites)
+        logits = np.asarray(logits, np.float64)
+        r = np.stack([_np_r(rec[pj.site(l, "resid_post")]) for l in layers] + [_np_r(logits)])
+        np.testing.assert_allclose(out["r"][i], r, atol=2e-5)
+        steps = np.stack([np.linalg.norm(np.diff(np.asarray(rec[pj.site(l, "resid_post")], np.float64), axis=0), axis=-1)
+                          for l in layers] + [np.linalg.norm(np.diff(logits, axis=0), axis=-1)])
+        np.testing.assert_allclose(out["step"][i], steps, rtol=1e-4, atol=1e-5)
+        for j, l in enumerate(layers):
+            mid = np.asarray(rec[pj.site(l, "resid_mid")], np.float64)
+            pre = np.asarray(rec[pj.site(l, "mlp.hook_pre")])
+            np.testing.assert_allclose(out["mid_step"][i, j],
+                                       np.linalg.norm(np.diff(mid, axis=0), axis=-1), rtol=1e-4, atol=1e-6)
+            ham = np.array([np.sum((pre[k] > 0) != (pre[k + 1] > 0)) for k in range(len(alpha) - 1)])
+            assert np.abs(out["hamming"][i, j] - ham).max() <= 1  # a neuron at ~0 may flip in float32
+            np.testing.assert_allclose(out["jac"][i, j], _mlp_fro(model.params, cfg, l, mid), rtol=1e-4)
+        np.testing.assert_allclose(out["kl_next"][i], _kl(logits[:-1], logits[1:]), atol=1e-5, rtol=1e-3)
+        np.testing.assert_allclose(out["kl_a"][i], _kl(logits[:1], logits), atol=1e-5, rtol=1e-3)
+        np.testing.assert_allclose(out["kl_b"][i], _kl(logits[-1:], logits), atol=1e-5, rtol=1e-3)
+        # steepest step and the refined bracket, re-evaluated through the public API
+        s = np.diff(r, axis=-1) / np.diff(alpha)
+        np.testing.assert_array_equal(out["kstar"][i], np.argmax(s, axis=-1))
+        lo, hi = out["ref_lo"][i].astype(np.float64), out["ref_hi"][i].astype(np.float64)
+        k = out["kstar"][i]
+        assert np.all(hi - lo <= SPEC.tol + 1e-7)
+        assert np.all((lo >= alpha[k] - 1e-7) & (hi <= alpha[k + 1] + 1e-7))
+        for t in range(len(layers) + 1):
+            xe = paths.interpolate(jnp.asarray(ends[0]), jnp.asarray(ends[1]), np.array([lo[t], hi[t]]), "slerp")
+            lg, rc = pj.continue_from(model, prefix, xe, 0, "resid_post", sites=sites)
+            if t < len(layers):
+                y, y_grid = np.asarray(rc[pj.site(layers[t], "resid_post")], np.float64), \
+                    np.asarray(rec[pj.site(layers[t], "resid_post")], np.float64)
+            else:
+                y, y_grid = np.asarray(lg, np.float64), logits
+            da = np.linalg.norm(y - y_grid[0], axis=-1)
+            db = np.linalg.norm(y - y_grid[-1], axis=-1)
+            np.testing.assert_allclose([out["ref_r_lo"][i, t], out["ref_r_hi"][i, t]], da / (da + db), atol=2e-5)
+            np.testing.assert_allclose(out["ref_kl"][i, t], _kl(np.asarray(lg[0]), np.asarray(lg[1])),
+                                       atol=1e-5, rtol=1e-3)
+    assert out["finite"].all()
+    # host statistics from these curves are issue 3's functions on the same r (tested there)
+    st = pair_stats(out, alpha)
+    np.testing.assert_allclose(st["S_grid"], np.max(np.diff(out["r"].astype(np.float64), axis=-1)
+                                                    / np.diff(alpha), axis=-1), rtol=1e-12)

@@ -1,0 +1,131 @@
+"""Boundary refinement on hand-made functions; host statistics against plain loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plateau_jax.sweep import refine
+from plateau_jax.sweep.stats import pair_stats, plateau_widths
+
+
+@pytest.mark.parametrize("kind", ["step", "sigmoid"])
+def test_refinement_locates_known_boundary(kind):
+    alpha = np.linspace(0, 1, 50)
+    tol = 1e-3
+    b0 = np.array([0.41372, 0.7071, 0.1234])  # three independent curves, known boundaries
+
+    def f(a):  # r(alpha) for each of the three curves
+        if kind == "step":
+            return jnp.where(a >= b0, 1.0, 0.0) * 0.9 + 0.1 * a
+        return jax.nn.sigmoid((a - b0) / 0.002)
+
+    r = jax.vmap(f)(jnp.asarray(alpha)[:, None]).T  # [3, 50]
+    k, br = refine.steepest_step(r, alpha)
+    rounds = refine.n_rounds(alpha, tol)
+    assert (1 / 49) / 2 ** rounds <= tol < (1 / 49) / 2 ** (rounds - 1)
+    out = jax.jit(lambda br: refine.refine_boundary(lambda m: (f(m), None), br, rounds))(br)
+    a_ref, s_ref = refine.refined_values(out)
+    assert np.all(np.asarray(out.hi - out.lo) <= tol)
+    assert np.all(np.abs(np.asarray(a_ref) - b0) <= tol / 2 + 1e-6)
+    # S no longer depends on the grid: same result from a coarser grid
+    alpha2 = np.linspace(0, 1, 21)
+    r2 = jax.vmap(f)(jnp.asarray(alpha2)[:, None]).T
+    _, br2 = refine.steepest_step(r2, alpha2)
+    out2 = refine.refine_boundary(lambda m: (f(m), None), br2, refine.n_rounds(alpha2, tol))
+    a2, s2 = refine.refined_values(out2)
+    assert np.all(np.abs(np.asarray(a2) - b0) <= tol / 2 + 1e-6)
+    if kind == "sigmoid":  # smooth: refined S approaches the true max slope 1/(4*0.002) = 125
+        np.testing.assert_allclose(np.asarray(s_ref), 125.0, rtol=0.02)
+        np.testing.assert_allclose(np.asarray(s2), 125.0, rtol=0.02)
+        grid_s = np.max(np.diff(np.asarray(r)) / np.diff(alpha), axis=-1)
+        assert np.all(grid_s < 60)  # the grid value badly underestimates it
+
+
+def test_refinement_aux_follows_bracket():
+    alpha = np.linspace(0, 1, 11)
+    f = lambda a: jnp.where(a > 0.333, 1.0, 0.0)
+    r = f(jnp.asarray(alpha))[None]
+    k, br = refine.steepest_step(r, alpha)
+    br = br._replace(aux_lo=br.lo[:, None] * jnp.ones((1, 3)), aux_hi=br.hi[:, None] * jnp.ones((1, 3)))
+    out = refine.refine_boundary(lambda m: (f(m), m[:, None] * jnp.ones((1, 3))), br, 6)
+    np.testing.assert_allclose(np.asarray(out.aux_lo)[:, 0], np.asarray(out.lo))
+    np.testing.assert_allclose(np.asarray(out.aux_hi)[:, 0], np.asarray(out.hi))
+    assert float(out.lo[0]) <= 0.333 < float(out.hi[0])
+
+
+def _loop_stats(r, alpha, jac, ham, mid, kl_next, tol_p, width_p):
+    """Straightforward per-curve loops, independent of the vectorised code."""
+    P, T, n = r.shape
+    nl = jac.shape[1]
+    res = {k: np.full((P, T), np.nan) for k in ("S", "a", "wa", "wb", "kl", "ja", "jh", "sa", "sh")}
+    for p in range(P):
+        for t in range(T):
+            slopes = [(r[p, t, k + 1] - r[p, t, k]) / (alpha[k + 1] - alpha[k]) for k in range(n - 1)]
+            kbest = max(range(n - 1), key=lambda k: (slopes[k], -k))
+            res["S"][p, t] = slopes[kbest]
+            res["a"][p, t] = (alpha[kbest] + alpha[kbest + 1]) / 2
+            res["kl"][p, t] = kl_next[p, kbest]
+            wa = 0.0
+            for k in range(n):
+                if r[p, t, k] <= tol_p:
+                    wa = alpha[k]
+                else:
+                    break
+            start_b = 1.0
+            for k in range(n - 1, -1, -1):
+                if r[p, t, k] >= 1 - tol_p:
+                    start_b = alpha[k]
+                else:
+                    break
+            res["wa"][p, t], res["wb"][p, t] = wa, 1 - start_b
+            if t < nl:
+                kj = int(np.argmax(jac[p, t]))
+                res["ja"][p, t], res["jh"][p, t] = alpha[kj], jac[p, t, kj]
+                dens = [ham[p, t, k] / mid[p, t, k] for k in range(n - 1)]
+                ks = int(np.argmax(dens))
+                res["sa"][p, t] = (alpha[ks] + alpha[ks + 1]) / 2
+                res["sh"][p, t] = dens[ks]
+    return res
+
+
+def test_pair_stats_against_loops():
+    rng = np.random.default_rng(0)
+    P, nl, n = 5, 3, 30
+    T = nl + 1
+    alpha = np.linspace(0, 1, n)
+    # plateau-like curves: a steep sigmoid at a random place, plus noise, endpoints exact
+    b = rng.uniform(0.2, 0.8, (P, T, 1))
+    w = rng.choice([0.005, 0.05, 0.3], (P, T, 1))
+    r = 1 / (1 + np.exp(-(alpha - b) / w)) + rng.normal(0, 0.01, (P, T, n))
+    r[..., 0], r[..., -1] = 0.0, 1.0
+    jac = rng.uniform(1, 3, (P, nl, n))
+    ham = rng.integers(0, 20, (P, nl, n - 1)).astype(float)
+    mid = rng.uniform(0.1, 1, (P, nl, n - 1))
+    kl_next = rng.uniform(0, 1, (P, n - 1))
+    curves = dict(r=r, jac=jac, hamming=ham, mid_step=mid, kl_next=kl_next,
+                  ref_lo=np.full((P, T), 0.4), ref_hi=np.full((P, T), 0.4005),
+                  ref_r_lo=np.full((P, T), 0.2), ref_r_hi=np.full((P, T), 0.7),
+                  ref_kl=np.full((P, T), 0.3))
+    st = pair_stats(curves, alpha, 0.05, 0.5)
+    ref = _loop_stats(r, alpha, jac, ham, mid, kl_next, 0.05, 0.5)
+    np.testing.assert_allclose(st["S_grid"], ref["S"], rtol=1e-12)
+    np.testing.assert_allclose(st["alpha_grid"], ref["a"], rtol=1e-12)
+    np.testing.assert_allclose(st["kl_boundary_grid"], ref["kl"], rtol=1e-12)
+    np.testing.assert_allclose(st["width_a"], ref["wa"], atol=1e-12)
+    np.testing.assert_allclose(st["width_b"], ref["wb"], atol=1e-12)
+    np.testing.assert_array_equal(st["plateau"], (ref["wa"] + ref["wb"] >= 0.5).astype(float))
+    for k, rk in (("jac_peak_alpha", "ja"), ("jac_peak", "jh"), ("spline_peak_alpha", "sa"),
+                  ("spline_peak", "sh")):
+        np.testing.assert_allclose(st[k], ref[rk], rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(st["alpha_ref"], 0.40025)
+    np.testing.assert_allclose(st["S_ref"], 0.5 / 0.0005, rtol=1e-6)
+    assert st["plateau"].sum() > 0 and (1 - st["plateau"]).sum() > 0
+
+
+def test_plateau_widths_edge_cases():
+    alpha = np.linspace(0, 1, 5)
+    wa, wb = plateau_widths(np.array([[0, 0.01, 0.5, 0.99, 1.0], [0, 0.25, 0.5, 0.75, 1],
+                                      [0, np.nan, 0.0, 1.0, 1.0]]), alpha)
+    np.testing.assert_allclose(wa, [0.25, 0.0, 0.0])
+    np.testing.assert_allclose(wb, [0.25, 0.0, 0.25])
