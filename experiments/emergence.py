@@ -251,11 +251,11 @@ def plot(res: dict, path: str, focus: int = 0):
         n = np.asarray(deepest["norms"])
         ax[3].plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
     lbl = res["checkpoints"][0]["pairs"][focus]["label"]
-    ax[2].set_title(f"r(alpha), logits: {lbl}")
+    ax[2].set_title(f"r(alpha), logits: {lbl}", fontsize=10)
     ax[2].set_xlabel("alpha")
     ax[2].legend(fontsize=7)
     deepest_layer = max(res["checkpoints"][0]["pairs"][focus]["jacobian"], key=int)
-    ax[3].set_title(f"MLP Jacobian norm, layer {deepest_layer} (/ mean): {lbl}")
+    ax[3].set_title(f"MLP Jacobian norm / mean, layer {deepest_layer}")
     ax[3].set_xlabel("alpha")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
