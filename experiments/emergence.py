@@ -37,17 +37,20 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
-flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
-flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
-flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
-                  "Shared contexts.")
-flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
-                    "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
-flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
-flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
-flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
-flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+def define_flags():
+    """Defines this script's flags (called by ``__main__`` only, so that importing the
+    module from tests or other scripts defines no flags)."""
+    flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
+    flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
+    flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
+    flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
+                      "Shared contexts.")
+    flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
+                        "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
+    flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
+    flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
+    flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
+    flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
 
 
 # ----------------------------------------------------------------------------- metric helpers
@@ -301,4 +304,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
