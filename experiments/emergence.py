@@ -37,17 +37,20 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
-flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
-flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
-flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
-                  "Shared contexts.")
-flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
-                    "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
-flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
-flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
-flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
-flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+def define_flags():
+    """Defines this script's flags (called by ``__main__`` only, so that importing the
+    module from tests or other scripts defines no flags)."""
+    flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
+    flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
+    flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
+    flags.DEFINE_list("contexts", ["The house was", "The man was", "The water was", "The dog was"],
+                      "Shared contexts.")
+    flags.DEFINE_string("pairs", "big:in,big:large,big:small,old:new,in:on,full:made,red:tall,"
+                        "cold:dark,open:closed", "Ending pairs A:B (each one token after the context).")
+    flags.DEFINE_integer("layer", 0, "Interpolate resid_post of this layer.")
+    flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
+    flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
+    flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
 
 
 # ----------------------------------------------------------------------------- metric helpers
@@ -251,11 +254,11 @@ def plot(res: dict, path: str, focus: int = 0):
         n = np.asarray(deepest["norms"])
         ax[3].plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
     lbl = res["checkpoints"][0]["pairs"][focus]["label"]
-    ax[2].set_title(f"r(alpha), logits: {lbl}")
+    ax[2].set_title(f"r(alpha), logits: {lbl}", fontsize=10)
     ax[2].set_xlabel("alpha")
     ax[2].legend(fontsize=7)
     deepest_layer = max(res["checkpoints"][0]["pairs"][focus]["jacobian"], key=int)
-    ax[3].set_title(f"MLP Jacobian norm, layer {deepest_layer} (/ mean): {lbl}")
+    ax[3].set_title(f"MLP Jacobian norm / mean, layer {deepest_layer}")
     ax[3].set_xlabel("alpha")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
@@ -301,4 +304,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -24,40 +24,44 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("output_dir", None, "Where checkpoints, metrics and the summary go.")
-flags.DEFINE_string("corpus_dir", None,
-                    "Directory with WordNet's data.{noun,verb,adj,adv} (default: searched).")
-flags.DEFINE_string("tokenizer_dir", None,
-                    "Reuse this tokenizer (vocab.json + merges.txt) instead of training one.")
-flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size (when training a tokenizer).")
-flags.DEFINE_integer("heldout_per_mille", 20, "Documents held out for evaluation, per mille.")
-flags.DEFINE_integer("n_layer", 6, "Transformer blocks.")
-flags.DEFINE_integer("n_embd", 128, "Residual width d_model.")
-flags.DEFINE_integer("n_head", 4, "Attention heads.")
-flags.DEFINE_integer("n_inner", None, "MLP width (default 4 * n_embd).")
-flags.DEFINE_integer("n_ctx", 128, "Context length (n_positions).")
-flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
-flags.DEFINE_integer("steps", 3000, "Optimiser steps.")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
-flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate as a fraction of the peak.")
-flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
-flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clipping.")
-flags.DEFINE_float("beta2", 0.99, "Adam beta2.")
-flags.DEFINE_integer("seed", 0, "Init and data-order seed.")
-flags.DEFINE_list("save_steps", ["0"], "Steps at which to save a checkpoint (0 = init).")
-flags.DEFINE_integer("eval_every", 250, "Evaluate held-out loss every this many steps.")
-flags.DEFINE_integer("eval_windows", 64, "Held-out windows of n_ctx tokens per evaluation "
-                     "(the final evaluation uses all of them).")
-flags.DEFINE_integer("log_every", 50, "Log training loss every this many steps.")
-flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16"],
-                  "Storage dtype of the saved weights.")
-flags.DEFINE_float("max_minutes", None, "Stop early (and save) after this many minutes.")
-flags.DEFINE_string("package_to", None,
-                    "After training, copy the final checkpoint with a held-out text sample, the "
-                    "corpus licence and the training summary into this directory (e.g. "
-                    "plateau_jax/models/tiny-plateau, the shipped model).")
-flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
+def define_flags():
+    """Defines this script's flags (called by ``__main__`` only, so that importing the
+    module from tests or other scripts defines no flags)."""
+    flags.DEFINE_string("output_dir", None, "Where checkpoints, metrics and the summary go.")
+    flags.DEFINE_string("corpus_dir", None,
+                        "Directory with WordNet's data.{noun,verb,adj,adv} (default: searched).")
+    flags.DEFINE_string("tokenizer_dir", None,
+                        "Reuse this tokenizer (vocab.json + merges.txt) instead of training one.")
+    flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size (when training a tokenizer).")
+    flags.DEFINE_integer("heldout_per_mille", 20, "Documents held out for evaluation, per mille.")
+    flags.DEFINE_integer("n_layer", 6, "Transformer blocks.")
+    flags.DEFINE_integer("n_embd", 192, "Residual width d_model.")
+    flags.DEFINE_integer("n_head", 6, "Attention heads.")
+    flags.DEFINE_integer("n_inner", None, "MLP width (default 4 * n_embd).")
+    flags.DEFINE_integer("n_ctx", 128, "Context length (n_positions).")
+    flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
+    flags.DEFINE_integer("steps", 800, "Optimiser steps.")
+    flags.DEFINE_float("lr", 2e-3, "Peak learning rate.")
+    flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate as a fraction of the peak.")
+    flags.DEFINE_integer("warmup_steps", 50, "Linear warm-up steps.")
+    flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
+    flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clipping.")
+    flags.DEFINE_float("beta2", 0.99, "Adam beta2.")
+    flags.DEFINE_integer("seed", 0, "Init and data-order seed.")
+    flags.DEFINE_list("save_steps", ["0", "25", "50", "100", "200", "400", "800"],
+                      "Steps at which to save a checkpoint (0 = init).")
+    flags.DEFINE_integer("eval_every", 100, "Evaluate held-out loss every this many steps.")
+    flags.DEFINE_integer("eval_windows", 64, "Held-out windows of n_ctx tokens per evaluation "
+                         "(the final evaluation uses all of them).")
+    flags.DEFINE_integer("log_every", 25, "Log training loss every this many steps.")
+    flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16"],
+                      "Storage dtype of the saved weights.")
+    flags.DEFINE_float("max_minutes", None, "Stop early (and save) after this many minutes.")
+    flags.DEFINE_string("package_to", None,
+                        "After training, copy the final checkpoint with a held-out text sample, the "
+                        "corpus licence and the training summary into this directory (e.g. "
+                        "plateau_jax/models/tiny-plateau, the shipped model).")
+    flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
 
 
 def _decay_mask(params):
@@ -120,10 +124,10 @@ def make_eval(config, chunk: int = 16):
 
 
 def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=4096,
-          heldout_per_mille=20, n_layer=6, n_embd=128, n_head=4, n_inner=None, n_ctx=128,
-          batch_size=32, steps=3000, lr=3e-3, min_lr_ratio=0.1, warmup_steps=200,
-          weight_decay=0.1, clip_norm=1.0, beta2=0.99, seed=0, save_steps=(0,), eval_every=250,
-          eval_windows=64, log_every=50, save_dtype="float32", max_minutes=None,
+          heldout_per_mille=20, n_layer=6, n_embd=192, n_head=6, n_inner=None, n_ctx=128,
+          batch_size=16, steps=800, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50,
+          weight_decay=0.1, clip_norm=1.0, beta2=0.99, seed=0, save_steps=(0,), eval_every=100,
+          eval_windows=64, log_every=25, save_dtype="float32", max_minutes=None,
           texts=None, flags_record=None, return_model=False):
     """The training run behind ``python -m experiments.train`` (see module doc).
 
@@ -306,5 +310,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     logging.basicConfig(level=logging.INFO)
     app.run(main)

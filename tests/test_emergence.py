@@ -1,0 +1,53 @@
+"""experiments.emergence: the private metric helpers, and one pair on the shipped model."""
+
+import numpy as np
+import pytest
+
+import plateau_jax
+from experiments import emergence
+from plateau_jax import paths, prompts, testing
+
+
+def test_relative_distance_and_sharpness():
+    alpha = np.linspace(0, 1, 11)
+    y = np.stack([alpha, 2 * alpha], axis=1)  # a straight line in 2-D
+    r = emergence.relative_distance(y)
+    np.testing.assert_allclose(r, alpha, atol=1e-12)
+    assert emergence.sharpness(r, alpha) == pytest.approx(1.0)
+    step = (alpha > 0.45).astype(float)  # a plateau with one jump between 0.4 and 0.5
+    assert emergence.sharpness(step, alpha) == pytest.approx(10.0)
+    assert emergence.boundary_alpha(step, alpha) == pytest.approx(0.45)
+
+
+def test_mlp_jacobian_norms_match_finite_differences():
+    model = plateau_jax.init_model(testing.tiny_config(), seed=1)
+    x = np.random.default_rng(0).normal(size=(3, model.config.n_embd)).astype(np.float32)
+    norms = emergence.mlp_jacobian_norms(model, 1, x)
+    blk = model.params["h"]["1"]
+    import jax
+    import jax.numpy as jnp
+    from plateau_jax.modules import MLP, Hooks, LayerNorm
+
+    def mlp_out(v):
+        h = LayerNorm(model.config.layer_norm_epsilon).apply({"params": blk["ln_2"]}, v)
+        return MLP(model.config).apply({"params": blk["mlp"]}, h[None, None], Hooks(), "")[0, 0]
+
+    eps = 1e-2
+    eye = jnp.eye(model.config.n_embd, dtype=jnp.float32)
+    batched = jax.jit(jax.vmap(mlp_out))
+    for i in range(3):
+        fd = float(np.linalg.norm((batched(x[i] + eps * eye) - batched(x[i] - eps * eye)) / (2 * eps)))
+        assert norms[i] == pytest.approx(fd, rel=2e-2)
+
+
+def test_one_pair_on_the_shipped_model():
+    model = plateau_jax.load_gpt2("tiny-plateau")
+    pair = prompts.encode_pair(model.tokenizer, "The house was", " big", " in",
+                               model.config.n_positions)
+    alpha = paths.alpha_grid(8)
+    res = emergence.analyse_pair(model, pair, 0, alpha, "slerp")
+    r = np.asarray(res["r"])
+    assert r[0] == 0.0 and r[-1] == pytest.approx(1.0)
+    assert 1.0 <= res["S"] < 3.0  # no plateau in this small model (docs/training.md)
+    assert sorted(res["jacobian"], key=int) == [1, 2, 3, 4, 5]
+    assert all(len(v["norms"]) == 8 and v["contrast"] >= 1.0 for v in res["jacobian"].values())
