@@ -148,7 +148,7 @@ def fig_step_sizes(res):
     frac = s / np.sum(s, axis=-1, keepdims=True)
     return layer_figure(_mid(res["alpha"]), frac, range(s.shape[1]), res["endings"],
                         ylabel="step size / total path length", cbar_label="recording layer",
-                        title="Step sizes |y(α_k+1) − y(α_k)| of resid_post, per layer")
+                        title=r"Step sizes $\|y(\alpha_{k+1}) - y(\alpha_k)\|$ of resid_post, per layer")
 
 
 def fig_spline_density(res):
