@@ -211,6 +211,7 @@ def fig_summary(res):
                     color=colors[i % len(colors)], alpha=0.6,
                     label=f"{pair(i)}, logits, vs interpolation layer")
         ax.set(xlabel="layer", ylabel=ylabel, title=ylabel + " (resid_post / logits)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     axes[1, 1].axhline(1.0, color="0.6", lw=0.8)
     axes[1, 2].set_ylim(0, 1)
