@@ -10,7 +10,8 @@ layer, recording the default components of every later layer and the logits.
 * ours: the context runs once (:func:`plateau_jax.run_prefix`), endpoints for every layer
   in one continuation, then one :func:`plateau_jax.plateau.interpolation_run` per layer.
 
-"cold" includes jit compilation (one per layer for both), "warm" is a second identical pass.
+"cold" includes jit compilation (one per layer for both), "warm" is an identical later pass
+(``--reps`` of them; the two ways alternate, so load changes on a shared machine hit both).
 Usage (repo root)::
 
     python -m benchmarks.bench_interpolation            # 12 layers, 2 x 50 steps, ctx 4 and 64
@@ -83,6 +84,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--n_layer", type=int, default=None, help="override the preset's depth")
     ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--reps", type=int, default=1, help="warm passes (study and ours alternate)")
     args = ap.parse_args()
     contexts = [int(c) for c in (args.contexts or ("4,16" if args.quick else "4,64")).split(",")]
     steps = args.steps or (10 if args.quick else 50)
@@ -98,7 +100,7 @@ def main():
     for T in contexts:
         ctx = rng.integers(0, config.vocab_size, T).astype(np.int32)
         tokens = rng.integers(0, config.vocab_size, (args.pairs, 2)).astype(np.int32)
-        for label in ("cold", "warm"):
+        for label in ["cold"] + ["warm"] * args.reps:
             t_study, ref = _timed(study_way, model, ctx, tokens, alpha)
             t_ours, got = _timed(our_way, model, ctx, tokens, alpha)
             diff = max(float(np.max(np.abs(np.asarray(got[l][0]).reshape(ref[l][0].shape)

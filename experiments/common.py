@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import flags
 
@@ -38,7 +39,9 @@ def resolved_flags(module_names=None) -> dict:
     """Every flag defined by the experiment modules (and common), name -> value."""
     out = {}
     for module, fl in FLAGS.flags_by_module_dict().items():
-        if module_names is None and not module.startswith(("experiments", "__main__")):
+        # absl files the flags of a script run as __main__ (python -m) under sys.argv[0].
+        if module_names is None and not (module.startswith(("experiments", "__main__"))
+                                         or module == sys.argv[0]):
             continue
         if module_names is not None and module not in module_names:
             continue

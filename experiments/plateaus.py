@@ -70,8 +70,9 @@ def parse_layers(spec: str, n_layer: int, what: str, allowed: Sequence[int] = No
         raise InputError(f"--{what}={spec!r}: expected 'all' or comma-separated layer numbers.")
     bad = [l for l in layers if l not in allowed]
     if bad or not layers:
-        raise InputError(f"--{what}={spec!r}: layers {bad or '(none)'} out of range; allowed: "
-                         f"{allowed[0]}..{allowed[-1]}" if allowed else f"--{what}: no layer allowed.")
+        span = f"{allowed[0]}..{allowed[-1]}" if allowed else "none"
+        raise InputError(f"--{what}={spec!r}: layers {bad or '(none)'} out of range; "
+                         f"allowed: {span}.")
     return layers
 
 
@@ -171,7 +172,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     res["frozen_r_logits"] = np.stack(frozen_r_logits, axis=1)  # [P, 3, n]
     res["frozen_r_resid_post"] = np.stack(frozen_r_resid, axis=1)  # [P, 3, n_layer, n]
     res["frozen_sharpness_logits"] = metrics.sharpness(res["frozen_r_logits"], alpha)
-    del main, acts, logits
+    del acts, logits
 
     # Every interpolation layer: logits, and resid_post N layers downstream.
     I, D = len(interp_layers), len(distances)
@@ -180,10 +181,12 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     for i, l in enumerate(io.progress(interp_layers, desc="interpolation layers")):
         first = plateau.first_downstream_layer(l, site)
         rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < n_layer}
-        run = run_at(l, components=("resid_post",), layers=sorted(set(rec.values())))
+        run = main if l == layer else run_at(l, components=("resid_post",),
+                                             layers=sorted(set(rec.values())))
         each_r[:, i] = metrics.relative_distance(run.logits)
         for j, rl in rec.items():
             dist_r[:, j, i] = metrics.relative_distance(run.act("resid_post", rl))
+    del main, run
     res["interp_layers"] = np.array(interp_layers, np.int32)
     res["distances"] = np.array(distances, np.int32)
     res["each_r_logits"] = each_r

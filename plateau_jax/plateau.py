@@ -29,6 +29,9 @@ FREEZE_MODES = ("mean", "endpoint_a", "linear")
 _SHORT = {"mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post"}
 
 
+_HINT = " (in bfloat16/float16, try float32; else check the checkpoint's weights)."
+
+
 class NonFiniteError(FloatingPointError):
     """NaN or Inf appeared in an interpolation run."""
 
@@ -195,7 +198,7 @@ def check_run_finite(run: InterpolationRun) -> None:
     if k is not None:
         raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
                              f"{run.alpha[k]:.4g}) {where}: are the endpoints antiparallel or "
-                             "non-finite? Try --path=linear.")
+                             "non-finite? The linear path avoids slerp's antiparallel case.")
     order = [c for c in DEFAULT_COMPONENTS if c in run.acts] + [
         c for c in run.acts if c not in DEFAULT_COMPONENTS]
     for j, layer in enumerate(run.layers):
@@ -206,12 +209,12 @@ def check_run_finite(run: InterpolationRun) -> None:
             if k is not None:
                 raise NonFiniteError(
                     f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in layer {layer} "
-                    f"({component_site(layer, c)}) {where}. Try float32 (--dtype=float32).")
+                    f"({component_site(layer, c)}) {where}{_HINT}")
     if run.logits is not None:
         k = first_bad(run.logits)
         if k is not None:
             raise NonFiniteError(f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in the logits "
-                                 f"{where}. Try float32 (--dtype=float32).")
+                                 f"{where}{_HINT}")
 
 
 def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",

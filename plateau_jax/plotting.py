@@ -148,7 +148,7 @@ def fig_step_sizes(res):
     frac = s / np.sum(s, axis=-1, keepdims=True)
     return layer_figure(_mid(res["alpha"]), frac, range(s.shape[1]), res["endings"],
                         ylabel="step size / total path length", cbar_label="recording layer",
-                        title="Step sizes |y(α_k+1) − y(α_k)| of resid_post, per layer")
+                        title=r"Step sizes $\|y(\alpha_{k+1}) - y(\alpha_k)\|$ of resid_post, per layer")
 
 
 def fig_spline_density(res):
@@ -211,6 +211,7 @@ def fig_summary(res):
                     color=colors[i % len(colors)], alpha=0.6,
                     label=f"{pair(i)}, logits, vs interpolation layer")
         ax.set(xlabel="layer", ylabel=ylabel, title=ylabel + " (resid_post / logits)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     axes[1, 1].axhline(1.0, color="0.6", lw=0.8)
     axes[1, 2].set_ylim(0, 1)

@@ -11,7 +11,7 @@ from absl import flags
 
 import plateau_jax
 from experiments import plateaus
-from plateau_jax import plotting
+from plateau_jax import metrics, plateau, plotting
 from plateau_fixtures import tiny_checkpoint_dir, tiny_model
 
 FLAGS = flags.FLAGS
@@ -58,15 +58,24 @@ def test_end_to_end_writes_every_promised_file(tmp_path):
     np.testing.assert_array_equal(res["distances"], [1, 2])  # 24 clipped to the depth
     assert np.all(np.isnan(res["r_resid_post"][:, 0])) and not np.any(np.isnan(res["r_resid_post"][:, 1:]))
     np.testing.assert_array_equal(res["r_logits"][:, [0, -1]], [[0, 1], [0, 1]])
-    # The "each layer" loop re-runs layer 0 through a different call: it must agree.
-    np.testing.assert_allclose(res["each_r_logits"][:, 0], res["r_logits"], atol=1e-6)
+    np.testing.assert_allclose(res["each_r_logits"][:, 0], res["r_logits"])
     np.testing.assert_allclose(res["frozen_r_logits"][:, 0], res["r_logits"])
-    # N = 1 from layer 0 is layer 1's resid_post of the main run; N = 2 from layer 2 is beyond.
-    np.testing.assert_allclose(res["dist_r_resid_post"][:, 0, 0], res["r_resid_post"][:, 1], atol=1e-6)
-    assert np.all(np.isnan(res["dist_r_resid_post"][:, 1, 1:]))
-    # Linear freezing keeps the endpoints exact: r at both ends is still 0 and 1.
-    np.testing.assert_allclose(res["frozen_r_logits"][:, 1:, [0, -1]],
-                               np.broadcast_to([0.0, 1.0], (P, 2, 2)), atol=1e-6)
+    # Interpolating at layer 1, by hand: logits and N = 1 (layer 2's resid_post) must match.
+    model = tiny_model()
+    prefix = plateau_jax.run_prefix(model, res["context_ids"])
+    ends = np.asarray(plateau.endpoint_activations(model, prefix, res["tokens"].ravel(), [1]))[0]
+    ends = ends.reshape(P, 2, d)
+    run = plateau.interpolation_run(model, prefix, ends[:, 0], ends[:, 1], 1, res["alpha"],
+                                    components=("resid_post",), layers=[2])
+    np.testing.assert_allclose(res["each_r_logits"][:, 1], metrics.relative_distance(run.logits),
+                               atol=1e-6)
+    np.testing.assert_allclose(res["dist_r_resid_post"][:, 0, 1],
+                               metrics.relative_distance(run.act("resid_post", 2)), atol=1e-6)
+    np.testing.assert_allclose(res["dist_r_resid_post"][:, 0, 0], res["r_resid_post"][:, 1])
+    assert np.all(np.isnan(res["dist_r_resid_post"][:, 1, 1:]))  # N = 2 from layer 1 or 2: beyond
+    assert not np.any(np.isnan(res["dist_r_resid_post"][:, 1, 0]))
+    # Freezing changes the curves (its semantics are tested in test_plateau.py).
+    assert np.abs(res["frozen_r_logits"][:, 1:] - res["r_logits"][:, None]).max() > 1e-4
 
 
 def test_study_flagfile_reproduces_the_study_configuration():
