@@ -16,8 +16,10 @@ Jacobian at every step. Workloads:
      HF model with hooks, context included, as TransformerLens run_with_hooks does). The
      baseline is timed on ``--baseline_steps_c`` steps and scaled linearly to all steps.
 The baseline is given the resid_mid activations for free (computed by us, untimed); ours is
-timed end to end from the path (recording included). Our times are steady state (a second call);
-first-call times, which include XLA compilation, are printed too.
+timed end to end from the path (recording included). With --quick our times are steady state
+(a second call; first-call times with XLA compilation printed too); otherwise ours is one call
+including compilation (conservative). The baseline loops are per step, so with
+--baseline_steps_ab/--baseline_steps_c a sample of steps is timed and scaled linearly.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ def _block(x):
 
 
 def _timed(fn, repeat=1):
-    """(first-call seconds, best steady-state seconds, result)."""
+    """(first-call seconds, best steady-state seconds, result); repeat=0: best = first call."""
     t = time.perf_counter()
     out = _block(fn())
     first = time.perf_counter() - t
-    best = float("inf")
+    best = first if repeat == 0 else float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
         out = _block(fn())
@@ -61,7 +63,14 @@ def main():
     ap.add_argument("--size", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--pairs", type=int, default=100)
-    ap.add_argument("--baseline_steps_c", type=int, default=3)
+    ap.add_argument("--baseline_steps_ab", type=int, default=0,
+                    help="time the (a)/(b) baseline on this many steps per layer and scale "
+                         "linearly to --steps (0: all steps)")
+    ap.add_argument("--baseline_steps_c", type=int, default=1)
+    ap.add_argument("--steady", default="auto", choices=["auto", "true", "false"],
+                    help="time ours on a second call (steady state); auto: only with --quick. "
+                         "Otherwise our single timed call includes XLA compilation.")
+    ap.add_argument("--autodiff", action="store_true", help="also time (a') jacfwd full matrices")
     ap.add_argument("--batch_size", type=int, default=10)
     ap.add_argument("--baseline", default="true", choices=["true", "false"])
     ap.add_argument("--quick", action="store_true")
@@ -70,6 +79,7 @@ def main():
     if args.quick:
         args.steps, args.pairs, args.baseline_steps_c = 6, 10, 1
     baseline = args.baseline == "true"
+    steady = args.steady == "true" or (args.steady == "auto" and args.quick)
     skip = set(filter(None, args.skip.split(",")))
 
     cfg = pj.GPT2Config.preset(args.size)
@@ -106,20 +116,24 @@ def main():
 
     # ------------------------------------------------------------------ (a) + (b) baseline
     if baseline and not ({"a", "b"} <= skip):
+        ks_ab = (np.arange(N) if not args.baseline_steps_ab else
+                 np.linspace(0, N - 1, min(args.baseline_steps_ab, N)).astype(int))
         t = time.perf_counter()
-        kept, norms = [], np.zeros((nL, N))
+        kept, norms = [], np.zeros((nL, len(ks_ab)))
         for l in range(nL):
             blk = hf.transformer.h[l]
             f = lambda v, blk=blk: blk.mlp(blk.ln_2(v))
-            for k in range(N):
-                J = jacrev(f, chunk_size=128)(torch.from_numpy(mids[l, k]))
+            for i, k in enumerate(ks_ab):
+                J = jacrev(f, chunk_size=128)(torch.from_numpy(mids[l, k].copy()))
                 kept.append(J.detach())  # the study kept every matrix
-                norms[l, k] = torch.linalg.norm(J).item()
-        res["base_ab"] = time.perf_counter() - t
-        base_J = torch.stack(kept).numpy().reshape(nL, N, d, d)
+                norms[l, i] = torch.linalg.norm(J).item()
+        res["base_ab"] = (time.perf_counter() - t) * N / len(ks_ab)
+        base_J = torch.stack(kept).numpy().reshape(nL, len(ks_ab), d, d)
         del kept
-        print(f"baseline (a)+(b) study loop: {res['base_ab']:.2f}s "
-              f"({res['base_ab'] / (nL * N) * 1e3:.1f} ms per layer-step)", flush=True)
+        print(f"baseline (a)+(b) study loop: {res['base_ab']:.2f}s for {nL} layers x {N} steps "
+              f"({res['base_ab'] / (nL * N) * 1e3:.1f} ms per layer-step; timed {len(ks_ab)} "
+              f"steps per layer{', scaled linearly' if len(ks_ab) < N else ''}); "
+              f"{nL * N * 2 * 2.0 * d * d * m / res['base_ab'] / 1e9:.1f} GFLOP/s", flush=True)
 
     # ------------------------------------------------------------------ (a) ours
     flops_dense = nL * N * 2.0 * d * d * m
@@ -127,21 +141,22 @@ def main():
         run = lambda: jac.jacobian_sweep(model, prefix, x, 0, "resid_pre", families=("mlp",),
                                          stats=(), cumulative=False, full=("mlp",),
                                          mlp_method="closed", batch_size=bs, force=True)
-        first, best, out = _timed(run)
+        first, best, out = _timed(run, repeat=int(steady))
         res["ours_a"] = best
         print(f"ours (a) closed-form full matrices: {best:.2f}s (first call {first:.2f}s) "
               f"= {flops_dense / best / 1e9:.1f} GFLOP/s", flush=True)
         if baseline and "base_ab" in res:
-            err = np.max(np.abs(np.asarray(out["mlp_full"]) - base_J)) / np.max(np.abs(base_J))
+            err = np.max(np.abs(np.asarray(out["mlp_full"])[:, ks_ab] - base_J)) / np.max(np.abs(base_J))
             print(f"    max rel. difference to torch: {err:.1e}; RATIO (a) baseline/ours = "
                   f"{res['base_ab'] / best:.1f}x", flush=True)
         del out
         run = lambda: jac.jacobian_sweep(model, prefix, x, 0, "resid_pre", families=("mlp",),
                                          stats=(), cumulative=False, full=("mlp",),
                                          mlp_method="autodiff", batch_size=bs, force=True)
-        first, best, out = _timed(run)
+        first, best, out = _timed(run, repeat=int(steady)) if args.autodiff else (0, 0, None)
         del out
-        print(f"ours (a') autodiff jacfwd full matrices: {best:.2f}s (first {first:.2f}s)"
+        if args.autodiff:
+            print(f"ours (a') autodiff jacfwd full matrices: {best:.2f}s (first {first:.2f}s)"
               + (f"; ratio {res['base_ab'] / best:.1f}x" if "base_ab" in res else ""), flush=True)
         # plain matmul of the same shape and count, same run
         A = jnp.asarray(rng.normal(size=(N, d, m)), jnp.float32)
@@ -160,11 +175,11 @@ def main():
         run = lambda: jac.jacobian_sweep(model, prefix, x, 0, "resid_pre", families=("mlp",),
                                          stats=("fro",), cumulative=False, mlp_method="gram",
                                          batch_size=bs)
-        first, best, out = _timed(run)
+        first, best, out = _timed(run, repeat=int(steady))
         print(f"ours (b) Gram Frobenius norms, one pair incl. precomputation: {best:.2f}s "
               f"(first {first:.2f}s)", flush=True)
         if baseline and "base_ab" in res:
-            err = np.max(np.abs(np.asarray(out["mlp_fro"]) - norms) / norms)
+            err = np.max(np.abs(np.asarray(out["mlp_fro"])[:, ks_ab] - norms) / norms)
             print(f"    max rel. difference to torch norms: {err:.1e}; RATIO (b, one pair) = "
                   f"{res['base_ab'] / best:.1f}x", flush=True)
         tg0 = time.perf_counter()
@@ -192,7 +207,7 @@ def main():
     if "c" not in skip:
         run = lambda: jac.jacobian_sweep(model, prefix, x, 0, "resid_pre", families=(),
                                          stats=("fro",), cumulative=True, batch_size=bs)
-        first, best, out = _timed(run)
+        first, best, out = _timed(run, repeat=int(steady))
         flops_c = N * d * sum(2.0 * (12 * d * d) for _ in range(nL))  # tangent matmuls only
         print(f"ours (c) cumulative norms at all {nL} depths, {N} steps: {best:.2f}s (first "
               f"{first:.2f}s), ~{flops_c / best / 1e9:.1f} GFLOP/s on the tangent matmuls",
@@ -223,7 +238,7 @@ def main():
             ks = np.linspace(0, N - 1, args.baseline_steps_c).astype(int)
             t = time.perf_counter()
             for k in ks:
-                Jt = jacrev(f_final, chunk_size=128)(torch.from_numpy(np.asarray(x[k]))).detach()
+                Jt = jacrev(f_final, chunk_size=128)(torch.from_numpy(np.array(x[k]))).detach()
                 _ = torch.linalg.norm(Jt).item()
             tb = (time.perf_counter() - t) / len(ks) * N
             err = abs(torch.linalg.norm(Jt).item() - float(out["cumulative_fro"][-1, ks[-1]])) / \

@@ -53,6 +53,8 @@ SPEC_METHODS = ("svd", "power")
 MLP_METHODS = ("closed", "autodiff", "gram")
 FULL_NAMES = FAMILIES + ("cumulative", "product_mlp", "product_attn")
 DEFAULT_MAX_FULL_BYTES = 4 * 2 ** 30
+# Gram matrices of all layers are precomputed up front below this size, else layer by layer.
+GRAM_BYTES = 2 * 2 ** 30
 
 
 class JacobianTooLargeError(MemoryError):
@@ -264,6 +266,9 @@ def _sweep_impl(params, prefix, x, key, grams, config: GPT2Config, layer0: int, 
     xs = dict(bp=bps, keys=prefix.keys[first:], values=prefix.values[first:], pre=pre, mid=mid,
               key=jax.random.split(k_layers, nL))
     use_gram = "mlp" in opts.families and opts.mlp_method == "gram" and "fro" in opts.stats
+    if use_gram and grams is None and nL * config.n_inner ** 2 * x.dtype.itemsize <= GRAM_BYTES:
+        # top-level products (outside the layer loop) keep XLA's fastest dot kernels
+        grams = _stack([mlp_grams(params["h"][str(l)], config, x.dtype) for l in layers])
     if use_gram and grams is not None:
         xs["grams"] = grams
     prod_fams = tuple(f for f in ("mlp", "attn") if opts.products and f in opts.families)
@@ -352,7 +357,7 @@ def _check_prefix(prefix):
 
 
 def mlp_grams_for(model: GPT2, layers: Sequence[int]) -> Dict[str, Array]:
-    """Stacked per-layer Gram matrices ``{"G", "M"}`` ``[len(layers), m, m]`` for
+    """Stacked per-layer Gram matrices ``{"M"}`` ``[len(layers), m, m]`` for
     ``mlp_method="gram"``; compute once, pass as ``grams=`` for every prompt pair."""
     cfg = model.config
     layers = tuple(int(l) for l in layers)
@@ -406,8 +411,8 @@ def jacobian_sweep(model: GPT2, prefix: Prefix, x, layer: int, site: str = "resi
                     force)
     if grams is not None:
         nL = cfg.n_layer - _first_layer(layer, site)
-        if grams["G"].shape[0] != nL:
-            raise ValueError(f"grams cover {grams['G'].shape[0]} layers; this sweep needs {nL} "
+        if grams["M"].shape[0] != nL:
+            raise ValueError(f"grams cover {grams['M'].shape[0]} layers; this sweep needs {nL} "
                              f"(layers {_first_layer(layer, site)}..{cfg.n_layer - 1}).")
     return _sweep_jit(model.params, prefix, x, jax.random.PRNGKey(seed), grams, cfg, layer,
                       site, opts)

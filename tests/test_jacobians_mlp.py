@@ -35,6 +35,9 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
     grams = jac.mlp_grams_for(model, range(1, cfg.n_layer))
     gram = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
                               cumulative=False, grams=grams)
+    inline = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
+                                cumulative=False)  # Gram matrices computed inside the call
+    np.testing.assert_allclose(inline["mlp_fro"], gram["mlp_fro"], rtol=1e-5)
     _, rec = pj.continue_from(model, prefix, x, 0, sites=[pj.site(l, "resid_mid") for l in (1, 2)])
     dense_fro = np.linalg.norm(np.asarray(auto["mlp_full"]), axis=(-2, -1))
     worst = [0.0, 0.0]
