@@ -44,6 +44,13 @@ def canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def config_hash(config: dict) -> str:
+    """Hash of everything that determines results: the model's name/path is left out (the
+    weights' fingerprint is in), so moving a checkpoint does not block resuming."""
+    model = {k: v for k, v in config.get("model", {}).items() if k != "name"}
+    return canonical_hash({**config, "model": model})
+
+
 def model_fingerprint(model: GPT2) -> str:
     """Hash of the config and of every parameter's bytes (exact; one pass over the weights)."""
     h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True, default=str).encode())
@@ -113,14 +120,15 @@ def open_output(output_dir: str, config: dict) -> str:
     """
     io.prepare_output_dir(output_dir)
     os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
-    h = canonical_hash(config)
+    h = config_hash(config)
     path = os.path.join(output_dir, MANIFEST)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old.get("config_hash") != h:
-            diffs = _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
-                               json.loads(json.dumps(config, default=str)))
+            diffs = [d for d in _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
+                                           json.loads(json.dumps(config, default=str)))
+                     if not d.startswith("model.name:")]
             raise ConfigMismatchError(
                 f"{output_dir!r} holds a sweep with a different configuration; refusing to mix "
                 f"results. Differences: {'; '.join(diffs[:10]) or 'format'}. Use a new "
