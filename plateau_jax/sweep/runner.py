@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from plateau_jax import io
+from plateau_jax import sites as sites_lib
 from plateau_jax.model import GPT2
 from plateau_jax.prompts import PromptPair
 from plateau_jax.sweep import stats as stats_lib
@@ -187,6 +188,8 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1.")
     pairs = list(pairs)
+    for L in spec.layers:  # before anything is written
+        sites_lib.check_layer(L, model.config, what="interpolation layer")
     config = sweep_config(model, pairs, spec, batch_size, plateau_tol, plateau_width, extra_config)
     h = open_output(output_dir, config)
     n_layer = model.config.n_layer
