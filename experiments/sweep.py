@@ -83,15 +83,15 @@ def _generate(model, out_dir):
 
 def main(argv):
     del argv
+    if FLAGS.distributed and not FLAGS.report_only:  # before any other JAX call
+        import jax
+        jax.distributed.initialize()
     from plateau_jax.sweep import report
 
     if FLAGS.report_only:
         paths = report.write_report(FLAGS.output_dir)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return
-    if FLAGS.distributed:
-        import jax
-        jax.distributed.initialize()
     from plateau_jax import io
     from plateau_jax.sweep import SweepSpec, inputs, runner
 

@@ -129,3 +129,44 @@ def test_plateau_widths_edge_cases():
                                       [0, np.nan, 0.0, 1.0, 1.0]]), alpha)
     np.testing.assert_allclose(wa, [0.25, 0.0, 0.0])
     np.testing.assert_allclose(wb, [0.25, 0.0, 0.25])
+
+
+def test_summary_against_numpy():
+    from plateau_jax.sweep import report
+    from plateau_jax.sweep.stats import STAT_NAMES
+
+    rng = np.random.default_rng(1)
+    P, n_steps = 40, 11
+    step = 1 / (n_steps - 1)
+    rows = {k: [] for k in ("pair_index", "ok", "interp_layer", "target_index", "target", "depth")
+            + STAT_NAMES}
+    for p in range(P):
+        for t, label in ((1, "1"), (2, "logits")):
+            rows["pair_index"].append(p)
+            rows["ok"].append(p != 7)  # a failed pair is left out
+            rows["interp_layer"].append(0)
+            rows["target_index"].append(t)
+            rows["target"].append(label)
+            rows["depth"].append(1 if t == 1 else -1)
+            for s in STAT_NAMES:
+                rows[s].append(rng.uniform(0, 1) if s != "plateau" else float(p % 3 == 0))
+    table = {k: np.array(v, dtype=object if k == "target" else None) for k, v in rows.items()}
+    table["_manifest"] = {"config": {"spec": {"n_steps": n_steps}}}
+    out = report.summarize(table)
+    assert [(r["interp_layer"], r["target"]) for r in out] == [(0, "1"), (0, "logits")]
+    m = (table["target_index"] == 1) & table["ok"].astype(bool)
+    r = out[0]
+    assert r["n"] == P - 1
+    S = table["S_ref"][m]
+    np.testing.assert_allclose([r["S_ref_median"], r["S_ref_q25"], r["S_ref_q75"]],
+                               np.percentile(S, [50, 25, 75]))
+    ja, ag = table["jac_peak_alpha"][m], table["alpha_grid"][m]
+    np.testing.assert_allclose(r["jac_within_step"], np.mean(np.abs(ja - ag) <= step))
+    np.testing.assert_allclose(r["jac_corr"], np.corrcoef(ja, ag)[0, 1])
+    plat = table["plateau"][m] > 0.5
+    np.testing.assert_allclose(r["plateau_frac"], plat.mean())
+    np.testing.assert_allclose(r["S_ref_median_plateau"], np.median(S[plat]))
+    np.testing.assert_allclose(r["S_ref_median_nonplateau"], np.median(S[~plat]))
+    ml = (table["target_index"] == 2) & table["ok"].astype(bool)
+    np.testing.assert_allclose(r["jac_within_step_logits"],
+                               np.mean(np.abs(ja - table["alpha_grid"][ml]) <= step))

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from plateau_jax import io
+from plateau_jax import sites as sites_lib
 from plateau_jax.model import GPT2
 from plateau_jax.prompts import PromptPair
 from plateau_jax.sweep import stats as stats_lib
@@ -42,6 +43,13 @@ class ConfigMismatchError(RuntimeError):
 
 def canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """Hash of everything that determines results: the model's name/path is left out (the
+    weights' fingerprint is in), so moving a checkpoint does not block resuming."""
+    model = {k: v for k, v in config.get("model", {}).items() if k != "name"}
+    return canonical_hash({**config, "model": model})
 
 
 def model_fingerprint(model: GPT2) -> str:
@@ -113,14 +121,15 @@ def open_output(output_dir: str, config: dict) -> str:
     """
     io.prepare_output_dir(output_dir)
     os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
-    h = canonical_hash(config)
+    h = config_hash(config)
     path = os.path.join(output_dir, MANIFEST)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old.get("config_hash") != h:
-            diffs = _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
-                               json.loads(json.dumps(config, default=str)))
+            diffs = [d for d in _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
+                                           json.loads(json.dumps(config, default=str)))
+                     if not d.startswith("model.name:")]
             raise ConfigMismatchError(
                 f"{output_dir!r} holds a sweep with a different configuration; refusing to mix "
                 f"results. Differences: {'; '.join(diffs[:10]) or 'format'}. Use a new "
@@ -179,6 +188,8 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1.")
     pairs = list(pairs)
+    for L in spec.layers:  # before anything is written
+        sites_lib.check_layer(L, model.config, what="interpolation layer")
     config = sweep_config(model, pairs, spec, batch_size, plateau_tol, plateau_width, extra_config)
     h = open_output(output_dir, config)
     n_layer = model.config.n_layer
