@@ -15,7 +15,11 @@ FLAGS = flags.FLAGS
 
 
 def define_model_flags():
-    """--model, --dtype, --ln_mode, --center_writing_weights, --allow_pickle, --output_dir."""
+    """--model, --dtype, --ln_mode, --center_writing_weights, --allow_pickle, --output_dir.
+
+    Idempotent, so several experiment modules can be imported into one process."""
+    if "model" in FLAGS:
+        return
     flags.DEFINE_string("model", DEFAULT_MODEL,
                         "Hub id (gpt2, gpt2-large, ...), local checkpoint directory, or shipped name.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Params/compute dtype.")

@@ -20,9 +20,8 @@ every prompt pair (each context of --contexts with each pair of --pairs):
 Writes ``results.json`` (every curve and number), ``summary.json`` (per-checkpoint medians and
 IQRs over pairs) and ``emergence.png``.
 
-The metric helpers here (``relative_distance``, ``sharpness``, ``mlp_jacobian_norms``) are
-private stand-ins; the library's ``plateau_jax.metrics`` / ``plateau_jax.jacobians`` should
-replace them once they land.
+Metrics come from :mod:`plateau_jax.metrics` (relative distance, sharpness, boundary) and the
+MLP Jacobian norms from the exact Gram path of :mod:`plateau_jax.mlp_jacobian`.
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ import re
 
 import numpy as np
 from absl import app, flags
+
+from plateau_jax import metrics
 
 FLAGS = flags.FLAGS
 
@@ -54,55 +55,21 @@ def define_flags():
 
 
 # ----------------------------------------------------------------------------- metric helpers
-# Private stand-ins: to be replaced by plateau_jax.metrics (relative distance, sharpness) and
-# plateau_jax.jacobians (MLP Jacobian norms) once those modules land.
-
-def relative_distance(y) -> np.ndarray:
-    """r(alpha_k) = |y_k - y_0| / (|y_k - y_0| + |y_k - y_{n-1}|) for y ``[n, ...]``."""
-    y = np.asarray(y, np.float64).reshape(len(y), -1)
-    d0 = np.linalg.norm(y - y[0], axis=-1)
-    d1 = np.linalg.norm(y - y[-1], axis=-1)
-    return d0 / np.maximum(d0 + d1, 1e-30)
-
-
-def sharpness(r, alpha) -> float:
-    """S = max_k (r_{k+1} - r_k) / (alpha_{k+1} - alpha_k); a straight line gives 1."""
-    r, alpha = np.asarray(r, np.float64), np.asarray(alpha, np.float64)
-    return float(np.max(np.diff(r) / np.diff(alpha)))
-
-
-def boundary_alpha(r, alpha) -> float:
-    """Midpoint of the path step where r rises the most."""
-    k = int(np.argmax(np.diff(r)))
-    return float(0.5 * (alpha[k] + alpha[k + 1]))
-
-
-def _mlp_jac_norms_impl(config, blk, xs):
-    import jax
-    import jax.numpy as jnp
-
-    from plateau_jax.modules import MLP, Hooks, LayerNorm
-
-    def f(x):  # resid_mid [d] -> mlp_out [d]
-        h = LayerNorm(config.layer_norm_epsilon, config.ln_mode).apply({"params": blk["ln_2"]}, x)
-        return MLP(config).apply({"params": blk["mlp"]}, h[None, None], Hooks(), "")[0, 0]
-
-    jac = jax.vmap(jax.jacfwd(f))(xs)
-    return jnp.sqrt(jnp.sum(jnp.square(jac), axis=(-2, -1)))
-
 
 _JITTED = {}
 
 
 def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
-    """Frobenius norms of d mlp_out / d resid_mid (ln_2 included) of ``layer`` at each row of
-    ``resid_mid`` ``[n, d]`` (``jax.jacfwd``, vmapped over rows; compiled once per config)."""
+    """Exact Frobenius norms of d mlp_out / d resid_mid (ln_2 included) of ``layer`` at each row
+    of ``resid_mid`` ``[n, d]``, via the library's Gram-matrix path (compiled once)."""
     import jax
     import jax.numpy as jnp
+
+    from plateau_jax.mlp_jacobian import mlp_frobenius_gram
     if "f" not in _JITTED:
-        _JITTED["f"] = jax.jit(_mlp_jac_norms_impl, static_argnums=(0,))
+        _JITTED["f"] = jax.jit(mlp_frobenius_gram, static_argnums=(1,))
     blk = model.params["h"][str(layer)]
-    return np.asarray(_JITTED["f"](model.config, blk, jnp.asarray(resid_mid, jnp.float32)))
+    return np.asarray(_JITTED["f"](blk, model.config, jnp.asarray(resid_mid, model.dtype)))
 
 
 # ----------------------------------------------------------------------------- one pair
@@ -124,9 +91,9 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     logits, rec = plateau_jax.continue_from(model, prefix, xs, layer=layer,
                                             sites=[site(i, "resid_mid") for i in later])
     logits = np.asarray(logits)
-    r = relative_distance(logits)
-    s = sharpness(r, alpha)
-    a_star = boundary_alpha(r, alpha)
+    r = metrics.relative_distance(np.asarray(logits, np.float64))
+    s = float(metrics.sharpness(r, alpha))
+    a_star = float(metrics.boundary(r, alpha))
     jac = {}
     for i in later:
         norms = mlp_jacobian_norms(model, i, rec[site(i, "resid_mid")])

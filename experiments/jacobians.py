@@ -22,7 +22,7 @@ from absl import app, flags
 
 import plateau_jax as pj
 from experiments import common
-from plateau_jax import io, jacobians, paths, prompts
+from plateau_jax import io, jacobians, metrics, paths, prompts
 
 FLAGS = flags.FLAGS
 
@@ -54,17 +54,6 @@ flags.DEFINE_bool("figures", True, "Write figures.")
 flags.DEFINE_string("figure_format", "png", "Figure file extension.")
 
 
-def _relative_distance(y):
-    """r(alpha) = |y - y(0)| / (|y - y(0)| + |y - y(1)|) along axis -2 (steps); y [..., N, X].
-
-    Private copy: issue 3's plateau_jax.metrics.relative_distance is the shared one (dedup later).
-    """
-    y = np.asarray(y, np.float64)
-    d0 = np.linalg.norm(y - y[..., :1, :], axis=-1)
-    d1 = np.linalg.norm(y - y[..., -1:, :], axis=-1)
-    return d0 / np.maximum(d0 + d1, np.finfo(np.float64).tiny)
-
-
 def run_pair(model, pair, opts: jacobians.SweepOptions, grams=None):
     """Returns ({name: array} for the npz, seconds of the jitted sweep)."""
     cfg = model.config
@@ -91,8 +80,8 @@ def run_pair(model, pair, opts: jacobians.SweepOptions, grams=None):
     if FLAGS.overlay:
         rsites = [pj.site(l, "resid_post") for l in layers]
         logits, rec = pj.continue_from(model, prefix, x, FLAGS.layer, site=FLAGS.site, sites=rsites)
-        res["r_logits"] = _relative_distance(np.asarray(logits, np.float64))
-        res["r_resid_post"] = _relative_distance(np.stack([np.asarray(rec[s]) for s in rsites]))
+        res["r_logits"] = metrics.relative_distance(np.asarray(logits, np.float64))
+        res["r_resid_post"] = metrics.relative_distance(np.stack([np.asarray(rec[s]) for s in rsites]))
     return res, secs
 
 

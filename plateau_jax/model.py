@@ -71,6 +71,7 @@ def abstract_params(config: GPT2Config):
 
 def init_model(config: GPT2Config, seed: int = 0, dtype="float32", tokenizer=None) -> GPT2:
     """A randomly initialised model (GPT-2's init: normal(0.02), residual projections scaled)."""
-    params = GPT2LMHead(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
+    init = jax.jit(GPT2LMHead(config).init)
+    params = init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
     return GPT2(params=params["params"], config=config, tokenizer=tokenizer,
                 name=f"random-init(seed={seed})").astype(dtype)

@@ -17,7 +17,8 @@ def alpha_grid(n_steps: int) -> np.ndarray:
 
 def linear(a, b, alpha):
     """``x = a + alpha (b - a)``; a, b ``[..., d]``, alpha ``[n]`` -> ``[..., n, d]``."""
-    a, b, alpha = jnp.asarray(a), jnp.asarray(b), jnp.asarray(alpha, a.dtype)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    alpha = jnp.asarray(alpha, a.dtype)
     return a[..., None, :] + alpha[:, None] * (b - a)[..., None, :]
 
 

@@ -1,4 +1,4 @@
-"""experiments.emergence: the private metric helpers, and one pair on the shipped model."""
+"""experiments.emergence: its MLP Jacobian norms, and one pair on the shipped model."""
 
 import numpy as np
 import pytest
@@ -6,17 +6,6 @@ import pytest
 import plateau_jax
 from experiments import emergence
 from plateau_jax import paths, prompts, testing
-
-
-def test_relative_distance_and_sharpness():
-    alpha = np.linspace(0, 1, 11)
-    y = np.stack([alpha, 2 * alpha], axis=1)  # a straight line in 2-D
-    r = emergence.relative_distance(y)
-    np.testing.assert_allclose(r, alpha, atol=1e-12)
-    assert emergence.sharpness(r, alpha) == pytest.approx(1.0)
-    step = (alpha > 0.45).astype(float)  # a plateau with one jump between 0.4 and 0.5
-    assert emergence.sharpness(step, alpha) == pytest.approx(10.0)
-    assert emergence.boundary_alpha(step, alpha) == pytest.approx(0.45)
 
 
 def test_mlp_jacobian_norms_match_finite_differences():
