@@ -8,7 +8,7 @@ For each prompt pair: interpolate ``blocks.{layer}.hook_{site}`` between the two
 one jitted call (:func:`plateau_jax.jacobians.jacobian_sweep`) gives the requested norms of every
 per-layer Jacobian at every step, the study's skip-free products and the end-to-end cumulative
 Jacobians at every depth. Writes ``jacobians_{A}-{B}.npz`` and figures per pair (see
-docs/jacobians.md for the array names and shapes), and ``config.json``.
+the README for the array names and shapes), and ``config.json``.
 """
 
 from __future__ import annotations

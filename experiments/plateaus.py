@@ -1,6 +1,6 @@
 """Activation plateaus: interpolate between two prompts at every layer, freeze, measure, plot.
 
-Reproduces every figure of the study in one command (see docs/plateaus.md)::
+Reproduces every figure of the study in one command (see the README)::
 
     python -m experiments.plateaus --flagfile=experiments/flags/study.flags --output_dir=runs/study
     python -m experiments.plateaus --model=gpt2 --pairs=big:in --steps=30 --output_dir=runs/small
@@ -116,7 +116,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
               layer: int, interp_layers: Sequence[int], site: str, path: str, freeze_mode: str,
               freeze_layers: Sequence[int], distances: Sequence[int],
               save_activations: bool = False) -> Dict[str, np.ndarray]:
-    """Every computation of the study; returns the results arrays (see docs/plateaus.md).
+    """Every computation of the study; returns the results arrays (see the README).
 
     The shared context runs once; endpoints of all needed layers come from one call; each
     interpolation layer is one batched continuation over all pairs and steps.

@@ -8,7 +8,7 @@ r"""Plateau statistics over many prompt pairs, sharded over every device, resuma
 
 Rerunning the same command resumes (finished shards are skipped); another configuration in the
 same --output_dir is refused. Multi-host: add --distributed (calls jax.distributed.initialize()).
-See docs/sweep.md.
+See the README.
 """
 
 from __future__ import annotations

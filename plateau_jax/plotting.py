@@ -1,4 +1,4 @@
-"""The study's figures, drawn from the arrays of a plateau results file (see docs/plateaus.md).
+"""The study's figures, drawn from the arrays of a plateau results file (see the README).
 
 Every function takes plain arrays (or the loaded ``.npz`` as a dict) and returns a matplotlib
 figure; :func:`save_all` writes the whole set. Conventions: x axis = alpha (0 = endpoint A,

@@ -3,7 +3,7 @@
 Every directory ``plateau_jax/models/<name>/`` holding a ``config.json`` becomes
 ``plateau_jax.loading.LOCAL_MODELS[<name>]``; ``load_gpt2("tiny-plateau")`` then reads it with
 no network. ``tiny-plateau`` is the project's own small GPT-2 (trained by
-``python -m experiments.train``; see docs/training.md) and the scripts' default model.
+``python -m experiments.train``; see the README) and the scripts' default model.
 """
 
 from __future__ import annotations

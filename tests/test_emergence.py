@@ -37,6 +37,6 @@ def test_one_pair_on_the_shipped_model():
     res = emergence.analyse_pair(model, pair, 0, alpha, "slerp")
     r = np.asarray(res["r"])
     assert r[0] == 0.0 and r[-1] == pytest.approx(1.0)
-    assert 1.0 <= res["S"] < 3.0  # no plateau in this small model (docs/training.md)
+    assert 1.0 <= res["S"] < 3.0  # no plateau in this small model (README)
     assert sorted(res["jacobian"], key=int) == [1, 2, 3, 4, 5]
     assert all(len(v["norms"]) == 8 and v["contrast"] >= 1.0 for v in res["jacobian"].values())

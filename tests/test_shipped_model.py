@@ -76,7 +76,7 @@ def test_heldout_loss_beats_random_init_and_unigram(model, summary):
     trained = evaluate(model.params, windows)
     rand = evaluate(plateau_jax.init_model(model.config, seed=0).params, windows)
     assert rand == pytest.approx(np.log(model.config.vocab_size), abs=0.3)
-    # Measured on these 64 windows at release (docs/training.md): trained 4.977, random init 8.352
+    # Measured on these 64 windows at release (README): trained 4.977, random init 8.352
     # nats/token; on the full held-out split: trained 4.99, unigram 6.72, random init 8.35.
     assert trained == pytest.approx(4.977, abs=0.01)
     assert trained < rand - 3.0
