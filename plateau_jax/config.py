@@ -90,8 +90,9 @@ class GPT2Config:
         """Builds a config from the contents of a HF GPT-2 ``config.json``.
 
         Every feature we do not implement is collected and refused in one error.
-        ``ln_mode="auto"`` picks "identity" for LayerNorm-free checkpoints, which encode the
-        removal as a huge ``layer_norm_epsilon`` (>= 1e3), and "normal" otherwise.
+        ``ln_mode="auto"`` picks the mode a checkpoint saved by :func:`save_gpt2` recorded, else
+        "identity" for LayerNorm-free checkpoints, which encode the removal as a huge
+        ``layer_norm_epsilon`` (>= 1e3), and "normal" otherwise.
         """
         problems = []
         model_type = raw.get("model_type", "gpt2")
@@ -112,7 +113,7 @@ class GPT2Config:
         n_embd = int(raw.get("n_embd", raw.get("hidden_size", 768)))
         eps = float(raw.get("layer_norm_epsilon", 1e-5))
         if ln_mode == "auto":
-            ln_mode = "identity" if eps >= 1e3 else "normal"
+            ln_mode = raw.get("plateau_jax_ln_mode") or ("identity" if eps >= 1e3 else "normal")
         n_inner = raw.get("n_inner")
         return cls(
             vocab_size=int(raw.get("vocab_size", 50257)),
@@ -153,4 +154,6 @@ class GPT2Config:
             "attn_pdrop": 0.0,
             "bos_token_id": self.vocab_size - 1,
             "eos_token_id": self.vocab_size - 1,
+            # Read back by from_hf_dict(ln_mode="auto"); ignored by transformers.
+            "plateau_jax_ln_mode": self.ln_mode,
         }

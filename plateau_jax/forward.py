@@ -116,11 +116,15 @@ def _head(params, config, x, hooks):
 
 
 def _check_recorded(hooks: Hooks):
-    missing = hooks.sites - set(hooks.records)
-    if missing:
-        raise ValueError(
-            f"sites {sorted(missing)} were requested but not computed: they lie inside a swapped "
-            "block or MLP, or upstream of where the call starts.")
+    """Every requested site was recorded and every patch applied; else the call is refused
+    (a patch that never runs would silently look like "the intervention has no effect")."""
+    for what, asked, done in (("sites", hooks.sites, set(hooks.records)),
+                              ("patches", set(hooks.patches), hooks.patched)):
+        missing = set(asked) - done
+        if missing:
+            raise ValueError(
+                f"{what} {sorted(missing)} were given but not computed: they lie inside a swapped "
+                "block or MLP, or upstream of where the call starts.")
 
 
 # ----------------------------------------------------------------------------- full forward
@@ -211,8 +215,15 @@ def run_prefix(model: GPT2, context, lengths=None, swaps=None) -> Prefix:
     if ids.shape[-1] >= cfg.n_positions:
         raise ValueError(f"context of {ids.shape[-1]} tokens leaves no position for the "
                          f"continued token (n_positions={cfg.n_positions}).")
-    lengths = (jnp.full((ids.shape[0],), ids.shape[1], jnp.int32) if lengths is None
-               else jnp.asarray(lengths, jnp.int32))
+    if lengths is None:
+        lengths = jnp.full((ids.shape[0],), ids.shape[1], jnp.int32)
+    else:
+        if not isinstance(lengths, jax.core.Tracer):
+            arr = np.asarray(lengths)
+            if arr.shape != (ids.shape[0],) or np.any(arr < 1) or np.any(arr > ids.shape[1]):
+                raise ValueError(f"lengths must be {ids.shape[0]} integers in [1, {ids.shape[1]}] "
+                                 f"(the real length of each padded context); got {arr.tolist()}.")
+        lengths = jnp.asarray(lengths, jnp.int32)
     p = _prefix_jit(model.params, ids, lengths, cfg, _norm_swaps(swaps, cfg))
     return jax.tree_util.tree_map(lambda a: a[0], p) if was_1d else p
 
@@ -220,6 +231,8 @@ def run_prefix(model: GPT2, context, lengths=None, swaps=None) -> Prefix:
 def embed_last(model: GPT2, prefix: Prefix, token_ids) -> Array:
     """Residual input ``blocks.0.hook_resid_pre`` [N, d] of tokens placed right after ``prefix``."""
     p = model.params
+    if not isinstance(token_ids, jax.core.Tracer):
+        _as_ids(np.asarray(token_ids).reshape(-1), model.config)  # range check
     tok = jnp.take(p["wte"]["weight"], jnp.asarray(token_ids), axis=0)
     pos = jnp.take(p["wpe"]["weight"], prefix.length, axis=0)  # [d], or [batch, d]
     return tok + (pos[:, None, :] if prefix.batched else pos)

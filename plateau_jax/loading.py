@@ -228,6 +228,21 @@ def apply_center_writing_weights(params, config: GPT2Config):
     return new, config.__class__(**{**config.__dict__, "tie_word_embeddings": False})
 
 
+def _warn_if_identity_drops_affine(params, config: GPT2Config, tol: float = 1e-3) -> float:
+    """With eps huge, LayerNorm is ~ (x - mean) * weight / sqrt(eps) + bias. Identity mode (the
+    study's choice) drops that affine part; warn when it is not ~(1, 0). Returns the deviation."""
+    lns = [params["ln_f"]] + [blk[k] for blk in params["h"].values() for k in ("ln_1", "ln_2")]
+    scale = 1.0 / np.sqrt(config.layer_norm_epsilon)
+    dev = max(max(float(np.abs(np.asarray(ln["weight"], np.float64) * scale - 1).max()),
+                  float(np.abs(np.asarray(ln["bias"], np.float64)).max())) for ln in lns)
+    if dev > tol:
+        log.warning(
+            "ln_mode='identity' drops LayerNorm affine parts that differ from the identity by up "
+            "to %.3g (weight/sqrt(eps) vs 1, bias vs 0). The study replaced LayerNorms by the "
+            "identity; pass ln_mode='normal' to run the checkpoint's exact function instead.", dev)
+    return dev
+
+
 def _load_tokenizer(directory: str, require: bool):
     present = [s for s in TOKENIZER_FILE_SETS
                if all(os.path.exists(os.path.join(directory, f)) for f in s)]
@@ -273,6 +288,8 @@ def load_gpt2(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
     _weight_files(directory, allow_pickle)  # fail on missing weights before the tokenizer loads
     tokenizer = _load_tokenizer(directory, require_tokenizer)
     params = load_params(directory, config, dt, allow_pickle)
+    if config.ln_mode == "identity":
+        _warn_if_identity_drops_affine(params, config)
     if center_writing_weights:
         if config.ln_mode == "identity":
             log.warning("center_writing_weights skipped: without LayerNorm, centring would change "

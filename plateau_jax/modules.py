@@ -50,9 +50,11 @@ class Hooks:
         self.sites = frozenset(sites)
         self.patches = dict(patches or {})
         self.records: dict = {}
+        self.patched: set = set()
 
     def __call__(self, name: str, value: Array) -> Array:
         if name in self.patches:
+            self.patched.add(name)
             new = jnp.asarray(self.patches[name], value.dtype)
             if new.ndim == value.ndim:
                 value = jnp.broadcast_to(new, value.shape)
@@ -95,9 +97,10 @@ class LayerNorm(nn.Module):
         b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
         if self.mode == "identity":
             return x
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
         return y * w.astype(x.dtype) + b.astype(x.dtype)
 
 

@@ -198,6 +198,16 @@ def test_bad_inputs(model, ids):
         plateau_jax.continue_from(model, prefix, x, 1, sites=["blocks.0.hook_mlp_out"])
     with pytest.raises(ValueError, match="shape"):
         plateau_jax.continue_from(model, prefix, x[:, :3], 0)
+    with pytest.raises(ValueError, match="patches .* not computed"):  # upstream of the entry
+        plateau_jax.continue_from(model, prefix, x, 1, patches={"blocks.0.hook_mlp_out": x})
+    with pytest.raises(ValueError, match="patches .* not computed"):  # inside a swapped block
+        plateau_jax.forward(model, ids, swaps={"blocks.1": plateau_jax.IDENTITY},
+                            patches={"blocks.1.hook_mlp_out": x[:1]})
+    for bad in ([0], [7], [3, 3]):
+        with pytest.raises(ValueError, match="lengths must be"):
+            plateau_jax.run_prefix(model, ids[None, :6], lengths=bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        plateau_jax.embed_last(model, prefix, [cfg.vocab_size])
     with pytest.raises(ValueError, match="swap key"):
         plateau_jax.forward(model, ids, swaps={"block.1": plateau_jax.IDENTITY})
     with pytest.raises(ValueError, match="freeze component"):

@@ -115,6 +115,16 @@ def test_layernorm_free_checkpoint_loads_with_identity_layernorms(tmp_path, ids)
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     normal = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="normal")
     assert normal.config.ln_mode == "normal"
+    # identity mode warns when the LayerNorms carry a real affine part it drops
+    assert plateau_jax.loading._warn_if_identity_drops_affine(m.params, m.config) == 0.0
+    p = {**m.params, "ln_f": {"weight": m.params["ln_f"]["weight"] * 1.5,
+                              "bias": m.params["ln_f"]["bias"]}}
+    assert plateau_jax.loading._warn_if_identity_drops_affine(p, m.config) == pytest.approx(0.5)
+    # the mode survives a save/load round trip, even on a normal-eps checkpoint
+    forced = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="identity")
+    plateau_jax.save_gpt2(forced.replace(config=plateau_jax.GPT2Config(
+        **{**forced.config.__dict__, "layer_norm_epsilon": 1e-5})), str(tmp_path / "again"))
+    assert plateau_jax.load_gpt2(str(tmp_path / "again"), require_tokenizer=False).config.ln_mode == "identity"
 
 
 def test_center_writing_weights(tmp_path, ref, ids):

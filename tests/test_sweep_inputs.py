@@ -97,3 +97,12 @@ def test_text_pairs(tiny_model):
         logits, _ = pj.forward(tiny_model, np.asarray(ids[:13])[None])
         order = list(np.argsort(-np.asarray(logits[0, n - 1]), kind="stable"))
         assert p.token_b == (order[0] if order[0] != ids[n] else order[1])
+
+
+def test_padded_context_length_stays_within_n_positions():
+    from types import SimpleNamespace
+
+    from plateau_jax.sweep.runner import context_length
+    pairs = [(0, SimpleNamespace(context_ids=list(range(97))))]
+    assert context_length(pairs) == 104
+    assert context_length(pairs, n_positions=100) == 100

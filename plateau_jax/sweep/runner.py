@@ -78,10 +78,12 @@ def shard_path(output_dir: str, layer: int, batch: int) -> str:
     return os.path.join(output_dir, "shards", f"L{layer:02d}_b{batch:06d}.npz")
 
 
-def context_length(pairs) -> int:
-    """Padded context length: the longest context, rounded up to a multiple of 8."""
+def context_length(pairs, n_positions: Optional[int] = None) -> int:
+    """Padded context length: the longest context, rounded up to a multiple of 8 (fewer compiled
+    shapes), but never past the model's ``n_positions``."""
     longest = max(len(p.context_ids) for _, p in pairs)
-    return int(-(-longest // 8) * 8)
+    rounded = int(-(-longest // 8) * 8)
+    return rounded if n_positions is None else min(rounded, int(n_positions))
 
 
 def sweep_config(model: GPT2, pairs, spec: SweepSpec, batch_size: int, plateau_tol: float,
@@ -92,7 +94,7 @@ def sweep_config(model: GPT2, pairs, spec: SweepSpec, batch_size: int, plateau_t
         "spec": {"layers": list(spec.layers), "n_steps": spec.n_steps, "path": spec.path,
                  "component": spec.component, "tol": spec.tol, "entry_site": "resid_post"},
         "batch_size": int(batch_size),
-        "context_length": context_length(pairs) if pairs else 0,
+        "context_length": context_length(pairs, model.config.n_positions) if pairs else 0,
         "plateau_tol": float(plateau_tol),
         "plateau_width": float(plateau_width),
         "model": {"name": model.name, "config": model.config.__dict__,
