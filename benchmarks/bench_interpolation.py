@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 import plateau_jax
-from plateau_jax import paths, plateau
+from plateau_jax.plateaus import paths
+from plateau_jax.plateaus import interpolation
 
 
 def _block(tree):
@@ -45,8 +46,8 @@ def study_way(model, ctx, tokens, alpha):
     for layer in range(cfg.n_layer):
         ends = rec[resid[layer]][:, -1].reshape(P, 2, -1)
         x = paths.interpolate(ends[:, 0], ends[:, 1], alpha).reshape(P * alpha.size, -1)
-        names = [plateau.component_site(l, c) for l in range(layer + 1, cfg.n_layer)
-                 for c in plateau.DEFAULT_COMPONENTS]
+        names = [interpolation.component_site(l, c) for l in range(layer + 1, cfg.n_layer)
+                 for c in interpolation.DEFAULT_COMPONENTS]
         batch_ids = np.repeat(ids[::2], alpha.size, 0)  # context + token A; the last is overwritten
         logits, acts = plateau_jax.forward(model, batch_ids, sites=names,
                                            patches={resid[layer]: x})
@@ -59,11 +60,11 @@ def our_way(model, ctx, tokens, alpha):
     cfg = model.config
     P = tokens.shape[0]
     prefix = plateau_jax.run_prefix(model, ctx)
-    ends = plateau.endpoint_activations(model, prefix, tokens.ravel(), range(cfg.n_layer))
+    ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), range(cfg.n_layer))
     ends = ends.reshape(cfg.n_layer, P, 2, -1)
     out = {}
     for layer in range(cfg.n_layer):
-        run = plateau.interpolation_run(model, prefix, ends[layer, :, 0], ends[layer, :, 1], layer,
+        run = interpolation.interpolation_run(model, prefix, ends[layer, :, 0], ends[layer, :, 1], layer,
                                         alpha, check_finite=False)
         out[layer] = (run.logits, run.acts)
         _block(out[layer])

@@ -37,8 +37,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import plateau_jax as pj  # noqa: E402
-from plateau_jax import jacobians as jac  # noqa: E402
-from plateau_jax import paths  # noqa: E402
+from plateau_jax.jacobians import sweep as jac  # noqa: E402
+from plateau_jax.plateaus import paths  # noqa: E402
 
 
 def _block(x):

@@ -163,7 +163,7 @@ def bench_scaling(devices, size, layers):
 def main(argv):
     del argv
     import plateau_jax as pj
-    from plateau_jax.loading import save_gpt2
+    from plateau_jax.model.loading import save_gpt2
 
     cfg = pj.GPT2Config.preset(FLAGS.size)
     model = pj.init_model(cfg, seed=0)

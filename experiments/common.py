@@ -8,8 +8,8 @@ import sys
 from absl import flags
 
 import plateau_jax
-from plateau_jax import io
-from plateau_jax.loading import DEFAULT_MODEL
+from plateau_jax import files
+from plateau_jax.model.loading import DEFAULT_MODEL
 
 FLAGS = flags.FLAGS
 
@@ -55,9 +55,9 @@ def resolved_flags(module_names=None) -> dict:
 
 def start_run(model: plateau_jax.GPT2) -> str:
     """Prepares the output directory and writes config.json (flags + model + versions)."""
-    out = io.prepare_output_dir(FLAGS.output_dir)
+    out = files.prepare_output_dir(FLAGS.output_dir)
     resolved = resolved_flags()
     resolved["model_config"] = model.config.__dict__
-    path = io.write_config(out, resolved)
+    path = files.write_config(out, resolved)
     logging.info("Resolved config written to %s: %s", path, resolved)
     return out

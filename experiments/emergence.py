@@ -34,7 +34,7 @@ import re
 import numpy as np
 from absl import app, flags
 
-from plateau_jax import metrics
+from plateau_jax.plateaus import metrics
 
 FLAGS = flags.FLAGS
 
@@ -65,7 +65,7 @@ def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
     import jax
     import jax.numpy as jnp
 
-    from plateau_jax.mlp_jacobian import mlp_frobenius_gram
+    from plateau_jax.jacobians.mlp import mlp_frobenius_gram
     if "f" not in _JITTED:
         _JITTED["f"] = jax.jit(mlp_frobenius_gram, static_argnums=(1,))
     blk = model.params["h"][str(layer)]
@@ -77,8 +77,8 @@ def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
 def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
     import plateau_jax
-    from plateau_jax import paths
-    from plateau_jax.sites import site
+    from plateau_jax.plateaus import paths
+    from plateau_jax.model.sites import site
 
     cfg = model.config
     ids = np.stack([np.append(pair.context_ids, pair.token_a),
@@ -144,12 +144,14 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
         heldout_loss=None) -> dict:
     """Analyses every (step, directory) checkpoint; returns {"checkpoints": [...], "summary": [...]}."""
     import plateau_jax
-    from plateau_jax import io, paths, prompts
+    from plateau_jax import files
+    from plateau_jax.plateaus import paths
+    from plateau_jax.plateaus import prompts
 
     alpha = paths.alpha_grid(n_steps)
     pairs_raw = prompts.parse_pairs(pair_spec)
     results, summary = [], []
-    for step, directory in io.progress(checkpoints, "checkpoints"):
+    for step, directory in files.progress(checkpoints, "checkpoints"):
         model = plateau_jax.load_gpt2(directory)
         pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
                  for c in contexts for a, b in pairs_raw]
@@ -183,7 +185,7 @@ def plot(res: dict, path: str, focus: int = 0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plateau_jax import io
+    from plateau_jax import files
 
     alpha = np.asarray(res["alpha"])
     steps = [c["step"] for c in res["checkpoints"]]
@@ -229,7 +231,7 @@ def plot(res: dict, path: str, focus: int = 0):
     ax[3].set_xlabel("alpha")
     ax[3].legend(fontsize=7)
     fig.tight_layout()
-    io.atomic_savefig(fig, path, dpi=110)
+    files.atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -237,7 +239,7 @@ def main(argv):
     del argv
     import json
 
-    from plateau_jax import io
+    from plateau_jax import files
 
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required.")
@@ -257,14 +259,14 @@ def main(argv):
             for k in ("heldout_loss", "heldout_loss_quick"):
                 if k in rec:
                     heldout[rec["step"]] = rec[k]
-    out = io.prepare_output_dir(FLAGS.output_dir)
-    io.write_config(out, {f: getattr(FLAGS, f) for f in
+    out = files.prepare_output_dir(FLAGS.output_dir)
+    files.write_config(out, {f: getattr(FLAGS, f) for f in
                           ("run_dir", "checkpoints", "contexts", "pairs", "layer", "n_steps", "path")})
     res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout)
     n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
     res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
-    io.atomic_write_json(os.path.join(out, "results.json"), res)
-    io.atomic_write_json(os.path.join(out, "summary.json"),
+    files.atomic_write_json(os.path.join(out, "results.json"), res)
+    files.atomic_write_json(os.path.join(out, "summary.json"),
                          dict(summary=res["summary"], chance_peak_offset=res["chance_peak_offset"]))
     plot(res, os.path.join(out, "emergence.png"))
     logging.info("Wrote %s", out)

@@ -22,7 +22,11 @@ from absl import app, flags
 
 import plateau_jax as pj
 from experiments import common
-from plateau_jax import io, jacobians, metrics, paths, prompts
+from plateau_jax import files
+from plateau_jax.jacobians import sweep as jacobians
+from plateau_jax.plateaus import metrics
+from plateau_jax.plateaus import paths
+from plateau_jax.plateaus import prompts
 
 FLAGS = flags.FLAGS
 
@@ -131,7 +135,7 @@ def _plot(res, label, out_dir):
         fig.suptitle(f"{label}: {title}")
         fig.tight_layout(rect=(0, 0, 0.93, 1))
         path = os.path.join(out_dir, f"{fname}_{label}.{FLAGS.figure_format}")
-        io.atomic_savefig(fig, path, dpi=120)
+        files.atomic_savefig(fig, path, dpi=120)
         plt.close(fig)
         return path
 
@@ -158,7 +162,7 @@ def _plot(res, label, out_dir):
         fig.suptitle(label)
         fig.tight_layout()
         path = os.path.join(out_dir, f"jac_cumulative_depth_{label}.{FLAGS.figure_format}")
-        io.atomic_savefig(fig, path, dpi=120)
+        files.atomic_savefig(fig, path, dpi=120)
         plt.close(fig)
         written.append(path)
     return [w for w in written if w]
@@ -169,7 +173,7 @@ def main(argv):
     model = common.load_model_from_flags()
     out_dir = common.start_run(model)
     cfg = model.config
-    pj.sites.check_layer(FLAGS.layer, cfg)
+    pj.model.sites.check_layer(FLAGS.layer, cfg)
     opts = jacobians.SweepOptions(
         families=tuple(FLAGS.families), stats=tuple(FLAGS.stats), top_k=FLAGS.top_k,
         spec_method=FLAGS.spec_method, mlp_method=FLAGS.mlp_method, products=FLAGS.products,
@@ -185,11 +189,11 @@ def main(argv):
         grams = jacobians.mlp_grams_for(model, jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site))
         logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
                      time.perf_counter() - t)
-    for pair in io.progress(pairs, desc="pairs"):
+    for pair in files.progress(pairs, desc="pairs"):
         res, secs = run_pair(model, pair, opts, grams)
         label = pair.label.replace("->", "-").replace("/", "_")
         path = os.path.join(out_dir, f"jacobians_{label}.npz")
-        io.atomic_save_npz(path, sweep_seconds=np.float64(secs), **res)
+        files.atomic_save_npz(path, sweep_seconds=np.float64(secs), **res)
         logging.info("%s: sweep %.2fs -> %s", label, secs, path)
         if FLAGS.figures:
             for f in _plot(res, label, out_dir):

@@ -20,9 +20,13 @@ from absl import app, flags
 
 import plateau_jax
 from experiments import common
-from plateau_jax import io, metrics, plateau, plotting, prompts
-from plateau_jax.paths import PATHS, alpha_grid
-from plateau_jax.sites import RESIDUAL_SITES
+from plateau_jax import files
+from plateau_jax.plateaus import metrics
+from plateau_jax.plateaus import interpolation
+from plateau_jax.plotting import plateaus as plotting
+from plateau_jax.plateaus import prompts
+from plateau_jax.plateaus.paths import PATHS, alpha_grid
+from plateau_jax.model.sites import RESIDUAL_SITES
 
 FLAGS = flags.FLAGS
 common.define_model_flags()
@@ -39,7 +43,7 @@ flags.DEFINE_string("interp_layers", "all",
                     "'all' or a comma list such as 0,4,8.")
 flags.DEFINE_enum("site", "resid_post", list(RESIDUAL_SITES), "Residual site interpolated.")
 flags.DEFINE_enum("path", "slerp", list(PATHS), "Interpolation path.")
-flags.DEFINE_enum("freeze_mode", "mean", list(plateau.FREEZE_MODES),
+flags.DEFINE_enum("freeze_mode", "mean", list(interpolation.FREEZE_MODES),
                   "Frozen value: mean over steps (the study), endpoint A's value, or the straight "
                   "line between the endpoints' values.")
 flags.DEFINE_string("freeze_layers", "all",
@@ -79,7 +83,7 @@ def parse_layers(spec: str, n_layer: int, what: str, allowed: Sequence[int] = No
 def parse_alpha() -> np.ndarray:
     if FLAGS.alphas:
         try:
-            return plateau.check_alpha([float(a) for a in FLAGS.alphas])
+            return interpolation.check_alpha([float(a) for a in FLAGS.alphas])
         except ValueError as e:
             raise InputError(f"--alphas: {e}")
     try:
@@ -96,7 +100,7 @@ def parse_distances(n_layer: int, site: str) -> List[int]:
         raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
     if any(d < 1 for d in dists):
         raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
-    deepest = n_layer - plateau.first_downstream_layer(0, site)
+    deepest = n_layer - interpolation.first_downstream_layer(0, site)
     return sorted({min(d, deepest) for d in dists if deepest >= 1})
 
 
@@ -126,10 +130,10 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     tokens = np.array([[p.token_a, p.token_b] for p in pairs], np.int32)  # [P, 2]
     P = len(pairs)
     need = sorted(set(interp_layers) | {layer})
-    ends = np.asarray(plateau.endpoint_activations(model, prefix, tokens.ravel(), need, site),
+    ends = np.asarray(interpolation.endpoint_activations(model, prefix, tokens.ravel(), need, site),
                       np.float32).reshape(len(need), P, 2, -1)
     ends = dict(zip(need, ends))  # layer -> [P, 2, d]
-    run_at = lambda l, **kw: plateau.interpolation_run(
+    run_at = lambda l, **kw: interpolation.interpolation_run(
         model, prefix, ends[l][:, 0], ends[l][:, 1], l, alpha, path=path, site=site, **kw)
 
     res: Dict[str, np.ndarray] = {"alpha": alpha, "tokens": tokens, "context_ids": pairs[0].context_ids,
@@ -143,7 +147,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     logits = np.asarray(main.logits, np.float32)
     res["x"] = np.asarray(main.x)
     res["downstream_layers"] = np.array(down, np.int32)
-    for c in plateau.DEFAULT_COMPONENTS:
+    for c in interpolation.DEFAULT_COMPONENTS:
         res[f"r_{c}"] = _pad(metrics.relative_distance(acts[c]), down, n_layer)
     res["r_logits"] = metrics.relative_distance(logits)
     res["kl_logits"] = metrics.kl_to_endpoints(logits)
@@ -162,9 +166,9 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
 
     # Freezing attn_out / mlp_out in the chosen later layers.
     frozen_r_logits, frozen_r_resid = [res["r_logits"]], [res["r_resid_post"]]
-    for comp in io.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
+    for comp in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
         fr = run_at(layer, components=("resid_post",),
-                    patches=plateau.freeze_patches(main, comp, freeze_mode, freeze_layers))
+                    patches=interpolation.freeze_patches(main, comp, freeze_mode, freeze_layers))
         frozen_r_logits.append(metrics.relative_distance(fr.logits))
         frozen_r_resid.append(_pad(metrics.relative_distance(fr.acts["resid_post"]), down, n_layer))
     res["freeze_conditions"] = np.array(FREEZE_CONDITIONS)
@@ -178,8 +182,8 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     I, D = len(interp_layers), len(distances)
     each_r = np.full((P, I, n), np.nan)
     dist_r = np.full((P, D, I, n), np.nan)
-    for i, l in enumerate(io.progress(interp_layers, desc="interpolation layers")):
-        first = plateau.first_downstream_layer(l, site)
+    for i, l in enumerate(files.progress(interp_layers, desc="interpolation layers")):
+        first = interpolation.first_downstream_layer(l, site)
         rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < n_layer}
         run = main if l == layer else run_at(l, components=("resid_post",),
                                              layers=sorted(set(rec.values())))
@@ -202,12 +206,12 @@ def main(argv):
     try:
         alpha = parse_alpha()
         pair_specs = prompts.parse_pairs(FLAGS.pairs)
-        io.prepare_output_dir(FLAGS.output_dir)
+        files.prepare_output_dir(FLAGS.output_dir)
         model = common.load_model_from_flags()
         n_layer = model.config.n_layer
-        plateau_jax.sites.check_layer(FLAGS.layer, model.config, what="--layer")
+        plateau_jax.model.sites.check_layer(FLAGS.layer, model.config, what="--layer")
         interp_layers = parse_layers(FLAGS.interp_layers, n_layer, "interp_layers")
-        first = plateau.first_downstream_layer(FLAGS.layer, FLAGS.site)
+        first = interpolation.first_downstream_layer(FLAGS.layer, FLAGS.site)
         freeze_layers = parse_layers(FLAGS.freeze_layers, n_layer, "freeze_layers",
                                      allowed=range(first, n_layer))
         distances = parse_distances(n_layer, FLAGS.site)
@@ -220,7 +224,7 @@ def main(argv):
                         site=FLAGS.site, path=FLAGS.path, freeze_mode=FLAGS.freeze_mode,
                         freeze_layers=freeze_layers, distances=distances,
                         save_activations=FLAGS.save_activations)
-    except (InputError, prompts.PromptError, plateau.NonFiniteError, plateau_jax.CheckpointError,
+    except (InputError, prompts.PromptError, interpolation.NonFiniteError, plateau_jax.CheckpointError,
             ValueError, OSError) as e:
         logging.debug("failed", exc_info=True)
         sys.exit(f"error: {e}")
@@ -228,7 +232,7 @@ def main(argv):
                site=np.array(FLAGS.site), interp_path=np.array(FLAGS.path),
                freeze_mode=np.array(FLAGS.freeze_mode))
     results_path = os.path.join(out, "results.npz")
-    io.atomic_save_npz(results_path, **res)
+    files.atomic_save_npz(results_path, **res)
     figs = plotting.save_all(plotting.load_results(results_path), out, FLAGS.figure_format)
     logging.info("Wrote %s and %d figures to %s", results_path, len(figs), out)
     print(f"results: {results_path}\nfigures: {', '.join(os.path.basename(f) for f in figs)}")

@@ -73,7 +73,7 @@ def _generate(model, out_dir):
                                           FLAGS.stride, limit=FLAGS.n_pairs)
     path = os.path.join(out_dir, "input_pairs.jsonl")
     inputs.write_pairs_jsonl(path, rows)
-    from plateau_jax.io import atomic_write_bytes
+    from plateau_jax.files import atomic_write_bytes
     atomic_write_bytes(os.path.join(out_dir, "generator_skipped.jsonl"), "".join(
         json.dumps({"candidate": c, "reason": r}) + "\n" for c, r in skipped).encode())
     logging.info("generated %d pairs (%d candidates skipped, see generator_skipped.jsonl)",
@@ -92,13 +92,13 @@ def main(argv):
         paths = report.write_report(FLAGS.output_dir)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return
-    from plateau_jax import io
+    from plateau_jax import files
     from plateau_jax.sweep import SweepSpec, inputs, runner
 
     if bool(FLAGS.pairs_file) == bool(FLAGS.generate):
         raise app.UsageError("give exactly one of --pairs_file or --generate.")
     model = common.load_model_from_flags()
-    out = io.prepare_output_dir(FLAGS.output_dir)
+    out = files.prepare_output_dir(FLAGS.output_dir)
     path = FLAGS.pairs_file or _generate(model, out)
     rows, errors = inputs.read_pairs_file(path)
     pairs, enc_errors = inputs.encode_rows(model.tokenizer, rows, model.config.n_positions)

@@ -60,7 +60,7 @@ def define_flags():
     flags.DEFINE_string("package_to", None,
                         "After training, copy the final checkpoint with a held-out text sample, the "
                         "corpus licence and the training summary into this directory (e.g. "
-                        "plateau_jax/models/tiny-plateau, the shipped model).")
+                        "plateau_jax/assets/tiny-plateau, the shipped model).")
     flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
 
 
@@ -89,7 +89,7 @@ def loss_fn(params, config, batch):
     import jax.numpy as jnp
     import optax
 
-    from plateau_jax.modules import GPT2LMHead
+    from plateau_jax.model.modules import GPT2LMHead
     logits = GPT2LMHead(config).apply({"params": params}, batch[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch[:, 1:]).mean()
@@ -139,10 +139,11 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     import numpy as np
 
     import plateau_jax
-    from plateau_jax import data, io
+    from plateau_jax.training import data
+    from plateau_jax import files
 
     t_start = time.time()
-    io.prepare_output_dir(output_dir)
+    files.prepare_output_dir(output_dir)
     if texts is None:
         docs = data.load_documents(corpus_dir)
         train_texts, held_texts = data.split_documents(docs, heldout_per_mille, seed=0)
@@ -180,7 +181,7 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
 
     record = dict(flags_record or {})
     record.update(model_config=config.__dict__, n_params=n_params, corpus=corpus)
-    io.write_config(output_dir, record)
+    files.write_config(output_dir, record)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     metrics = open(metrics_path, "w")
 
@@ -249,7 +250,7 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
                    final_loss_as_stored=stored_loss, save_dtype=save_dtype,
                    weights_bytes=os.path.getsize(os.path.join(final_dir, "model.safetensors")),
                    corpus=corpus, model_config=config.__dict__)
-    io.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+    files.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
     metrics.close()
     logging.info("Done: %s", summary)
     return (summary, model.replace(params=params)) if return_model else summary
@@ -264,7 +265,8 @@ def package(run_dir: str, dest: str, corpus_dir=None, heldout_per_mille: int = 2
     """Copies ``run_dir/final`` into ``dest`` for shipping, with ``heldout_sample.txt`` (held-out
     documents the model never saw, one per line), ``LICENSE-WordNet.txt`` and
     ``training_summary.json`` (summary + metrics). Returns ``dest``."""
-    from plateau_jax import data, io
+    from plateau_jax.training import data
+    from plateau_jax import files
 
     src = os.path.join(run_dir, "final")
     os.makedirs(dest, exist_ok=True)
@@ -274,16 +276,16 @@ def package(run_dir: str, dest: str, corpus_dir=None, heldout_per_mille: int = 2
     docs = data.load_documents(corpus_dir)
     _, held = data.split_documents(docs, heldout_per_mille, seed=0)
     sample = data.heldout_sample(held, sample_chars)
-    io.atomic_write_bytes(os.path.join(dest, "heldout_sample.txt"),
+    files.atomic_write_bytes(os.path.join(dest, "heldout_sample.txt"),
                           ("\n".join(sample) + "\n").encode())
-    io.atomic_write_bytes(os.path.join(dest, "LICENSE-WordNet.txt"), data.WORDNET_LICENSE.encode())
+    files.atomic_write_bytes(os.path.join(dest, "LICENSE-WordNet.txt"), data.WORDNET_LICENSE.encode())
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         summary["metrics"] = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(run_dir, "config.json")) as f:
         summary["run_config"] = json.load(f)
-    io.atomic_write_json(os.path.join(dest, "training_summary.json"), summary)
+    files.atomic_write_json(os.path.join(dest, "training_summary.json"), summary)
     logging.info("Packaged %s into %s", src, dest)
     return dest
 
@@ -299,7 +301,7 @@ def main(argv):
                          "eval_windows", "log_every", "save_dtype", "max_minutes")]
     kw = {n: getattr(FLAGS, n) for n in names}
     kw["save_steps"] = [int(s) for s in FLAGS.save_steps]
-    from plateau_jax.data import CorpusNotFoundError
+    from plateau_jax.training.data import CorpusNotFoundError
     try:
         if not FLAGS.package_only:
             train(flags_record=dict(kw), **kw)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from plateau_jax.config import GPT2Config
-from plateau_jax.model import GPT2, init_model
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.model import GPT2, init_model
 
 # Enough text that the study's endings (" big", " in", " large", ...) become single tokens.
 _WORDS = ("The house was big . The house was in the city . The house was large and old . "
@@ -52,7 +52,7 @@ def make_checkpoint(directory: str, config: Optional[GPT2Config] = None, seed: i
     """
     import jax
 
-    from plateau_jax.loading import save_gpt2
+    from plateau_jax.model.loading import save_gpt2
 
     config = config or tiny_config()
     if tokenizer is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import plateau_jax as pj
-from plateau_jax import paths
+from plateau_jax.plateaus import paths
 
 
 def path_inputs(model, context="The house was", a=" big", b=" in", n_steps=5, layer=0):

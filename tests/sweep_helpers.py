@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def batch(model, n=4):
     """Right-padded ids, lengths and ending tokens for n pairs from CONTEXTS x ENDINGS."""
-    from plateau_jax.prompts import encode_pair
+    from plateau_jax.plateaus.prompts import encode_pair
     pairs = [encode_pair(model.tokenizer, CONTEXTS[i % 4], *ENDINGS[i % 4], model.config.n_positions)
              for i in range(n)]
     T = -(-max(len(p.context_ids) for p in pairs) // 8) * 8  # as the runner pads

@@ -5,7 +5,9 @@ import pytest
 
 import plateau_jax
 from experiments import emergence
-from plateau_jax import paths, prompts, testing
+from plateau_jax import testing
+from plateau_jax.plateaus import paths
+from plateau_jax.plateaus import prompts
 
 
 def test_mlp_jacobian_norms_match_finite_differences():
@@ -15,7 +17,7 @@ def test_mlp_jacobian_norms_match_finite_differences():
     blk = model.params["h"]["1"]
     import jax
     import jax.numpy as jnp
-    from plateau_jax.modules import MLP, Hooks, LayerNorm
+    from plateau_jax.model.modules import MLP, Hooks, LayerNorm
 
     def mlp_out(v):
         h = LayerNorm(model.config.layer_norm_epsilon).apply({"params": blk["ln_2"]}, v)

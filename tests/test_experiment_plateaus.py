@@ -11,7 +11,9 @@ from absl import flags
 
 import plateau_jax
 from experiments import plateaus
-from plateau_jax import metrics, plateau, plotting
+from plateau_jax.plateaus import metrics
+from plateau_jax.plateaus import interpolation
+from plateau_jax.plotting import plateaus as plotting
 from plateau_fixtures import tiny_checkpoint_dir, tiny_model
 
 FLAGS = flags.FLAGS
@@ -63,9 +65,9 @@ def test_end_to_end_writes_every_promised_file(tmp_path):
     # Interpolating at layer 1, by hand: logits and N = 1 (layer 2's resid_post) must match.
     model = tiny_model()
     prefix = plateau_jax.run_prefix(model, res["context_ids"])
-    ends = np.asarray(plateau.endpoint_activations(model, prefix, res["tokens"].ravel(), [1]))[0]
+    ends = np.asarray(interpolation.endpoint_activations(model, prefix, res["tokens"].ravel(), [1]))[0]
     ends = ends.reshape(P, 2, d)
-    run = plateau.interpolation_run(model, prefix, ends[:, 0], ends[:, 1], 1, res["alpha"],
+    run = interpolation.interpolation_run(model, prefix, ends[:, 0], ends[:, 1], 1, res["alpha"],
                                     components=("resid_post",), layers=[2])
     np.testing.assert_allclose(res["each_r_logits"][:, 1], metrics.relative_distance(run.logits),
                                atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 import plateau_jax
 from plateau_jax import UnknownSiteError, site
-from plateau_jax.forward import _continue_impl
+from plateau_jax.model.forward import _continue_impl
 from conftest import random_ids
 
 LAYERS = 3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import plateau_jax as pj
-from plateau_jax import jacobians as jac
-from plateau_jax import spectral
+from plateau_jax.jacobians import sweep as jac
+from plateau_jax.jacobians import spectral
 
 sys.path.insert(0, os.path.dirname(__file__))
 from jac_helpers import TorchGPT2, path_inputs, shared_checkpoint, to_float64  # noqa: E402

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import plateau_jax as pj
-from plateau_jax import jacobians as jac
-from plateau_jax import mlp_jacobian, testing
+from plateau_jax.jacobians import sweep as jac
+from plateau_jax import testing
+from plateau_jax.jacobians import mlp as mlp_jacobian
 
 sys.path.insert(0, os.path.dirname(__file__))
 from jac_helpers import path_inputs, shared_checkpoint  # noqa: E402

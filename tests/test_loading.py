@@ -116,10 +116,10 @@ def test_layernorm_free_checkpoint_loads_with_identity_layernorms(tmp_path, ids)
     normal = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="normal")
     assert normal.config.ln_mode == "normal"
     # identity mode warns when the LayerNorms carry a real affine part it drops
-    assert plateau_jax.loading._warn_if_identity_drops_affine(m.params, m.config) == 0.0
+    assert plateau_jax.model.loading._warn_if_identity_drops_affine(m.params, m.config) == 0.0
     p = {**m.params, "ln_f": {"weight": m.params["ln_f"]["weight"] * 1.5,
                               "bias": m.params["ln_f"]["bias"]}}
-    assert plateau_jax.loading._warn_if_identity_drops_affine(p, m.config) == pytest.approx(0.5)
+    assert plateau_jax.model.loading._warn_if_identity_drops_affine(p, m.config) == pytest.approx(0.5)
     # the mode survives a save/load round trip, even on a normal-eps checkpoint
     forced = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="identity")
     plateau_jax.save_gpt2(forced.replace(config=plateau_jax.GPT2Config(
@@ -242,13 +242,13 @@ def test_half_precision_checkpoint_reads_exactly(tmp_path, tiny_dir, tiny_model,
     import ml_dtypes
     from safetensors.numpy import save_file
     np_dtype = ml_dtypes.bfloat16 if stored == "bfloat16" else np.float16
-    flat = plateau_jax.loading._flatten(jax.device_get(tiny_model.params))
+    flat = plateau_jax.model.loading._flatten(jax.device_get(tiny_model.params))
     save_file({"transformer." + k: np.asarray(v).astype(np_dtype) for k, v in flat.items()},
               tmp_path / "model.safetensors")
     for f in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_dir, f), tmp_path / f)
     m = plateau_jax.load_gpt2(str(tmp_path))
-    got = plateau_jax.loading._flatten(jax.device_get(m.params))
+    got = plateau_jax.model.loading._flatten(jax.device_get(m.params))
     for k, v in flat.items():
         np.testing.assert_array_equal(got[k], np.asarray(v).astype(np_dtype).astype(np.float32))
 

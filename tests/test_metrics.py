@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from plateau_jax import metrics
+from plateau_jax.plateaus import metrics
 
 
 def _loop_relative_distance(y):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from plateau_jax import paths
-from plateau_jax.plateau import check_alpha
+from plateau_jax.plateaus import paths
+from plateau_jax.plateaus.interpolation import check_alpha
 
 
 def _numpy_slerp(a, b, alpha):

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 import plateau_jax
-from plateau_jax import metrics, plateau, prompts
-from plateau_jax.plateau import component_site, interpolation_run
+from plateau_jax.plateaus import metrics
+from plateau_jax.plateaus import interpolation
+from plateau_jax.plateaus import prompts
+from plateau_jax.plateaus.interpolation import component_site, interpolation_run
 from plateau_fixtures import CONTEXT, tiny_model
 
 ALPHA = np.linspace(0.0, 1.0, 7)
@@ -35,7 +37,7 @@ def _full_forward_reference(model, pairs, tokens, x, layer, site, names):
 @pytest.mark.parametrize("layer,site", [(0, "resid_post"), (1, "resid_mid")])
 def test_run_equals_full_forward_with_substitution(setup, layer, site):
     model, pairs, prefix, tokens = setup
-    ends = plateau.endpoint_activations(model, prefix, tokens.ravel(), [layer], site)[0]
+    ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), [layer], site)[0]
     ends = np.asarray(ends).reshape(2, 2, -1)
     # Endpoints are the clean prompts' activations at the interpolation site.
     ids = np.stack([np.append(pairs[0].context_ids, t) for t in tokens.ravel()])
@@ -46,12 +48,12 @@ def test_run_equals_full_forward_with_substitution(setup, layer, site):
     first = layer + 1 if site == "resid_post" else layer
     assert run.layers == tuple(range(first, model.config.n_layer))
     skipped = {(layer, "attn_out")} if site == "resid_mid" else set()  # upstream of the entry
-    names = [component_site(l, c) for l in run.layers for c in plateau.DEFAULT_COMPONENTS
+    names = [component_site(l, c) for l in run.layers for c in interpolation.DEFAULT_COMPONENTS
              if (l, c) not in skipped]
     ref_logits, ref = _full_forward_reference(model, pairs, tokens, np.asarray(run.x), layer, site,
                                               names)
     np.testing.assert_allclose(np.asarray(run.logits), ref_logits, rtol=2e-4, atol=2e-4)
-    for c in plateau.DEFAULT_COMPONENTS:
+    for c in interpolation.DEFAULT_COMPONENTS:
         got = np.asarray(run.acts[c])
         assert got.shape[:3] == (2, len(run.layers), ALPHA.size)
         for j, l in enumerate(run.layers):
@@ -69,7 +71,7 @@ def test_run_equals_full_forward_with_substitution(setup, layer, site):
 @pytest.fixture(scope="module")
 def clean(setup):
     model, pairs, prefix, tokens = setup
-    ends = np.asarray(plateau.endpoint_activations(model, prefix, tokens.ravel(), [0])[0])
+    ends = np.asarray(interpolation.endpoint_activations(model, prefix, tokens.ravel(), [0])[0])
     ends = ends.reshape(2, 2, -1)
     return interpolation_run(model, prefix, ends[:, 0], ends[:, 1], 0, ALPHA)
 
@@ -89,7 +91,7 @@ def test_freezing_to_clean_values_changes_nothing(setup, clean):
 
 @pytest.mark.parametrize("component,other", [("mlp", "attn"), ("attn", "mlp")])
 def test_freezing_to_mean_makes_component_constant(setup, clean, component, other):
-    frozen = _rerun(setup, clean, plateau.freeze_patches(clean, component, "mean"))
+    frozen = _rerun(setup, clean, interpolation.freeze_patches(clean, component, "mean"))
     got = np.asarray(frozen.acts[f"{component}_out"])  # [P, layers, n, d]
     want_mean = np.asarray(clean.acts[f"{component}_out"]).mean(axis=-2, keepdims=True)
     np.testing.assert_allclose(got, np.broadcast_to(want_mean, got.shape), rtol=1e-5, atol=1e-6)
@@ -101,9 +103,9 @@ def test_freezing_to_mean_makes_component_constant(setup, clean, component, othe
 
 
 def test_freeze_endpoint_a_and_linear(setup, clean):
-    fa = plateau.freeze_patches(clean, "mlp", "endpoint_a", layers=[2])
+    fa = interpolation.freeze_patches(clean, "mlp", "endpoint_a", layers=[2])
     assert list(fa) == ["blocks.2.hook_mlp_out"]
-    lin = plateau.freeze_patches(clean, "mlp", "linear", layers=[2])["blocks.2.hook_mlp_out"]
+    lin = interpolation.freeze_patches(clean, "mlp", "linear", layers=[2])["blocks.2.hook_mlp_out"]
     v = np.asarray(clean.act("mlp_out", 2))
     np.testing.assert_allclose(np.asarray(fa["blocks.2.hook_mlp_out"]),
                                np.broadcast_to(v[:, :1], v.shape))
@@ -119,7 +121,7 @@ def test_freeze_endpoint_a_and_linear(setup, clean):
 def test_nonfinite_values_are_named_by_step_and_layer(setup, clean):
     bad = np.array(clean.act("mlp_out", 2))
     bad[1, 3, 0] = np.nan
-    with pytest.raises(plateau.NonFiniteError, match=r"step 3 .*layer 2 \(blocks.2.hook_mlp_out\)"):
+    with pytest.raises(interpolation.NonFiniteError, match=r"step 3 .*layer 2 \(blocks.2.hook_mlp_out\)"):
         _rerun(setup, clean, {"blocks.2.hook_mlp_out": bad})
 
 
@@ -135,6 +137,6 @@ def test_bad_arguments(setup, clean):
     with pytest.raises(ValueError, match="Unknown path"):
         interpolation_run(model, prefix, a, a, 0, ALPHA, path="cubic")
     with pytest.raises(ValueError, match="Unknown freeze mode"):
-        plateau.freeze_patches(clean, "mlp", "first")
+        interpolation.freeze_patches(clean, "mlp", "first")
     with pytest.raises(ValueError, match="freeze component"):
-        plateau.freeze_patches(clean, "ln", "mean")
+        interpolation.freeze_patches(clean, "ln", "mean")

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import plateau_jax
-from plateau_jax import data, loading, shipped
+from plateau_jax.training import data
+from plateau_jax.model import loading
+from plateau_jax.model import shipped
 
 NAME = "tiny-plateau"
 
@@ -59,7 +61,7 @@ def test_small_and_16_bit():
 
 
 def test_study_prompts_are_single_tokens(model):
-    from plateau_jax import prompts
+    from plateau_jax.plateaus import prompts
     pairs = prompts.encode_pairs(model.tokenizer, "The house was", [(" big", " in"), (" big", " large")],
                                  model.config.n_positions)
     assert [model.tokenizer.decode([p.token_b]) for p in pairs] == [" in", " large"]

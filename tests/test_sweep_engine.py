@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import plateau_jax as pj
-from plateau_jax import paths
-from plateau_jax.modules import gelu_new
+from plateau_jax.plateaus import paths
+from plateau_jax.model.modules import gelu_new
 from plateau_jax.sweep import pair_stats
 
 from sweep_helpers import BATCH, SPEC, batch, one_device_engine

@@ -9,7 +9,7 @@ import pytest
 
 import plateau_jax
 from experiments import train as train_lib
-from plateau_jax import data
+from plateau_jax.training import data
 from plateau_jax.testing import TINY_CORPUS
 
 WORDNET_LINE = ('03544360 06 n 02 house 0 home 1 001 @ 03259505 n 0000 | a dwelling that serves '

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from plateau_jax import paths as paths_lib
-from plateau_jax import sites as sites_lib
-from plateau_jax.forward import _continue_impl, _prefix_impl
-from plateau_jax.model import GPT2
-from plateau_jax.sweep import backends, refine, stats
+from plateau_jax.plateaus import paths as paths_lib
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.forward import _continue_impl, _prefix_impl
+from plateau_jax.model.model import GPT2
+from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams
+from plateau_jax.sweep import refine, stats
 
 COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
 _HOOK = {"mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post"}
@@ -101,7 +102,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, *, config, layer, spec: Sw
         r_list.append(stats.rel_distance(Y))
         step_list.append(stats.step_norms(Y))
         mid = jnp.stack([f32(s) for s in mids])  # [nl, n, d]
-        jac = jnp.stack([backends.mlp_frobenius_gram(params["h"][str(l)], config, mid[i],
+        jac = jnp.stack([mlp_frobenius_gram(params["h"][str(l)], config, mid[i],
                                                      grams[str(l)]) for i, l in enumerate(layers)])
         ham = stats.hamming_steps(jnp.stack([rec[s] for s in pres]))
         mid_step = stats.step_norms(mid)
@@ -176,7 +177,7 @@ class SweepEngine:
         self._repl = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(AXIS))
         first = min(spec.layers) + 1
-        grams = {str(l): backends.mlp_grams(model.params["h"][str(l)], self.config, jnp.float32)
+        grams = {str(l): mlp_grams(model.params["h"][str(l)], self.config, jnp.float32)
                  for l in range(first, self.config.n_layer)}
         self.params = self._global(model.params, self._repl)
         self.grams = self._global(grams, self._repl)

@@ -27,7 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from plateau_jax.prompts import PromptError, PromptPair, encode_pair
+from plateau_jax.plateaus.prompts import PromptError, PromptPair, encode_pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def encode_rows(tokenizer, rows: Sequence[PairRow], max_positions: int
 
 
 def write_pairs_jsonl(path: str, rows: Iterable[PairRow]) -> None:
-    from plateau_jax.io import atomic_write_bytes
+    from plateau_jax.files import atomic_write_bytes
 
     data = "".join(json.dumps(r.as_json(), ensure_ascii=False) + "\n" for r in rows)
     atomic_write_bytes(path, data.encode("utf-8"))
@@ -172,7 +172,7 @@ def _token_row(tokenizer, context: str, ctx_ids, tok_a: int, tok_b: int, max_pos
 
 
 def _next_logits(model, ctx_ids):
-    from plateau_jax.forward import forward
+    from plateau_jax.model.forward import forward
 
     logits, _ = forward(model, np.asarray(ctx_ids, np.int32)[None])
     return np.asarray(logits[0], np.float64)  # [T, V]

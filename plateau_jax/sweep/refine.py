@@ -50,7 +50,7 @@ class Bracket(NamedTuple):
 
 def steepest_step(r, alpha):
     """Index ``k*`` of the steepest step of ``r`` ``[..., n]`` (NaN slopes never win; first on
-    ties) and the bracket around it. JAX version of the rule in :func:`..backends.boundary`."""
+    ties) and the bracket around it. JAX version of the rule in :func:`plateau_jax.plateaus.metrics.boundary`."""
     alpha = jnp.asarray(alpha, r.dtype)
     s = jnp.diff(r, axis=-1) / jnp.diff(alpha)
     k = jnp.argmax(jnp.where(jnp.isnan(s), -jnp.inf, s), axis=-1)

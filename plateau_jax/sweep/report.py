@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from plateau_jax import io
+from plateau_jax import files
 from plateau_jax.sweep import runner
 from plateau_jax.sweep.stats import STAT_NAMES
 
@@ -187,7 +187,7 @@ def _figures(table, rows, out_dir):
     ax.set_xlabel(f"recording layer ({n_layer} = logits)")
     ax.set_ylabel("sharpness S (median, IQR shaded)")
     ax.legend(fontsize=7)
-    io.atomic_savefig(fig, os.path.join(out_dir, "sharpness_by_depth.png"), dpi=120)
+    files.atomic_savefig(fig, os.path.join(out_dir, "sharpness_by_depth.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,7 +200,7 @@ def _figures(table, rows, out_dir):
     ax.set_xlabel("boundary alpha* (logits)")
     ax.set_ylabel("pairs")
     ax.legend(fontsize=7)
-    io.atomic_savefig(fig, os.path.join(out_dir, "alpha_star_hist.png"), dpi=120)
+    files.atomic_savefig(fig, os.path.join(out_dir, "alpha_star_hist.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -211,7 +211,7 @@ def _figures(table, rows, out_dir):
     fig.colorbar(sc, label="recording depth (layers after L)")
     ax.set_xlabel("boundary alpha* (grid)")
     ax.set_ylabel("MLP Jacobian-norm peak alpha")
-    io.atomic_savefig(fig, os.path.join(out_dir, "jac_vs_boundary.png"), dpi=120)
+    files.atomic_savefig(fig, os.path.join(out_dir, "jac_vs_boundary.png"), dpi=120)
     plt.close(fig)
 
 
@@ -231,7 +231,7 @@ def write_report(output_dir: str, figures: bool = True) -> Dict[str, str]:
         w.writerow([_fmt(table[c][i].item()) if hasattr(table[c][i], "item") else table[c][i]
                     for c in cols])
     paths["stats.csv"] = os.path.join(out_dir, "stats.csv")
-    io.atomic_write_bytes(paths["stats.csv"], buf.getvalue().encode())
+    files.atomic_write_bytes(paths["stats.csv"], buf.getvalue().encode())
     rows = summarize(table)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
@@ -239,7 +239,7 @@ def write_report(output_dir: str, figures: bool = True) -> Dict[str, str]:
     for r in rows:
         w.writerow({k: _fmt(r[k]) for k in SUMMARY_COLUMNS})
     paths["summary.csv"] = os.path.join(out_dir, "summary.csv")
-    io.atomic_write_bytes(paths["summary.csv"], buf.getvalue().encode())
+    files.atomic_write_bytes(paths["summary.csv"], buf.getvalue().encode())
     err_path = os.path.join(output_dir, "errors.jsonl")
     n_err = sum(1 for _ in open(err_path)) if os.path.exists(err_path) else 0
     expected = manifest["config"]["pairs"]["n"] * len(manifest["config"]["spec"]["layers"])
@@ -248,7 +248,7 @@ def write_report(output_dir: str, figures: bool = True) -> Dict[str, str]:
     if got < expected:
         md += f"\n**Incomplete sweep**: {got} of {expected} (pair, layer) results present.\n"
     paths["summary.md"] = os.path.join(out_dir, "summary.md")
-    io.atomic_write_bytes(paths["summary.md"], md.encode())
+    files.atomic_write_bytes(paths["summary.md"], md.encode())
     if figures and rows:
         _figures(table, rows, out_dir)
         for n in ("sharpness_by_depth.png", "alpha_star_hist.png", "jac_vs_boundary.png"):

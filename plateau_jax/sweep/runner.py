@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from plateau_jax import io
-from plateau_jax import sites as sites_lib
-from plateau_jax.model import GPT2
-from plateau_jax.prompts import PromptPair
+from plateau_jax import files
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.model import GPT2
+from plateau_jax.plateaus.prompts import PromptPair
 from plateau_jax.sweep import stats as stats_lib
 from plateau_jax.sweep.engine import SweepEngine, SweepSpec
 from plateau_jax.sweep.inputs import RowError
@@ -121,7 +121,7 @@ def open_output(output_dir: str, config: dict) -> str:
     Raises :class:`ConfigMismatchError` (naming the differing settings) if the directory holds
     a sweep with another configuration.
     """
-    io.prepare_output_dir(output_dir)
+    files.prepare_output_dir(output_dir)
     os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
     h = config_hash(config)
     path = os.path.join(output_dir, MANIFEST)
@@ -138,8 +138,8 @@ def open_output(output_dir: str, config: dict) -> str:
                 "--output_dir or the original settings.")
         return h
     if jax.process_index() == 0:
-        io.atomic_write_json(path, {"config": config, "config_hash": h,
-                                    **io.run_metadata()})
+        files.atomic_write_json(path, {"config": config, "config_hash": h,
+                                    **files.run_metadata()})
     return h
 
 
@@ -197,7 +197,7 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
     n_layer = model.config.n_layer
     primary = jax.process_index() == 0
     if primary:
-        io.atomic_write_bytes(os.path.join(output_dir, "pairs.jsonl"), "".join(
+        files.atomic_write_bytes(os.path.join(output_dir, "pairs.jsonl"), "".join(
             json.dumps({"index": i, "line": line, "context": p.context, "ending_a": p.ending_a,
                         "ending_b": p.ending_b, "context_ids": p.context_ids.tolist(),
                         "token_a": p.token_a, "token_b": p.token_b}) + "\n"
@@ -245,7 +245,7 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
                       "reason": np.array(reasons, dtype=str)}
             arrays.update({f"stat_{k}": _expand(v, L, n_layer) for k, v in st.items()})
             arrays.update({f"curve_{k}": v for k, v in curves.items()})
-            io.atomic_save_npz(shard_path(output_dir, L, i), **arrays)
+            files.atomic_save_npz(shard_path(output_dir, L, i), **arrays)
         computed += len(chunk)
         bar.update(len(chunk))
         if delay:
@@ -275,5 +275,5 @@ def write_errors(output_dir: str, input_errors: Sequence[RowError], spec: SweepS
         line, why = pairs_by_index[idx]
         lines.append(json.dumps({"line": line, "reason": "; ".join(why), "row": f"pair {idx}"}))
     path = os.path.join(output_dir, "errors.jsonl")
-    io.atomic_write_bytes(path, "".join(l + "\n" for l in lines).encode())
+    files.atomic_write_bytes(path, "".join(l + "\n" for l in lines).encode())
     return path

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.sweep import backends
+from plateau_jax.plateaus import metrics
 
 # ----------------------------------------------------------------------------- device side
 
@@ -119,8 +119,8 @@ def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
     r = np.asarray(curves["r"], np.float64)
     P, T, n = r.shape
     nl = curves["jac"].shape[1]
-    out = {"S_grid": backends.sharpness(r, alpha), "alpha_grid": backends.boundary(r, alpha)}
-    s = backends.slopes(r, alpha)
+    out = {"S_grid": metrics.sharpness(r, alpha), "alpha_grid": metrics.boundary(r, alpha)}
+    s = metrics.slopes(r, alpha)
     k = np.argmax(np.where(np.isnan(s), -np.inf, s), axis=-1)  # the same k* as boundary()
     kl_next = np.asarray(curves["kl_next"], np.float64)
     out["kl_boundary_grid"] = np.where(np.isnan(out["S_grid"]), np.nan,

@@ -10,9 +10,9 @@ from typing import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
-from plateau_jax.config import GPT2Config
-from plateau_jax.modules import MLP, Hooks
-from plateau_jax.sites import check_layer
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.modules import MLP, Hooks
+from plateau_jax.model.sites import check_layer
 
 COMPONENTS = ("attn", "mlp")
 

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax import paths as paths_lib
-from plateau_jax import sites as sites_lib
-from plateau_jax.forward import Prefix, continue_from, embed_last
-from plateau_jax.interventions import COMPONENTS
-from plateau_jax.model import GPT2
+from plateau_jax.plateaus import paths as paths_lib
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.forward import Prefix, continue_from, embed_last
+from plateau_jax.model.interventions import COMPONENTS
+from plateau_jax.model.model import GPT2
 
 # Per-layer components recorded by default (short site names, see plateau_jax.sites).
 DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")

@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax import sites as sites_lib
-from plateau_jax.config import GPT2Config
-from plateau_jax.forward import Prefix, _continue_impl
-from plateau_jax.model import GPT2
-from plateau_jax.modules import MLP, Attention, Block, Hooks, LayerNorm
-from plateau_jax.mlp_jacobian import mlp_frobenius_gram, mlp_grams, mlp_jacobian
-from plateau_jax.spectral import hutchinson_frobenius, power_spectral_norm, reduce_dense
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.forward import Prefix, _continue_impl
+from plateau_jax.model.model import GPT2
+from plateau_jax.model.modules import MLP, Attention, Block, Hooks, LayerNorm
+from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams, mlp_jacobian
+from plateau_jax.jacobians.spectral import hutchinson_frobenius, power_spectral_norm, reduce_dense
 
 Array = jax.Array
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from plateau_jax.config import GPT2Config
+from plateau_jax.model.config import GPT2Config
 
 Array = jax.Array
 KV = Tuple[Array, Array]  # keys, values: [batch, n_head, positions, d_head] each.

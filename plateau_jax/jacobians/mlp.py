@@ -37,8 +37,8 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from plateau_jax.config import GPT2Config
-from plateau_jax.modules import gelu_new
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.modules import gelu_new
 
 Array = jax.Array
 

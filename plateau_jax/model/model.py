@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.config import GPT2Config
-from plateau_jax.modules import GPT2LMHead
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.modules import GPT2LMHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -1,6 +1,6 @@
 """Models shipped inside the package, registered by name so the loader resolves them offline.
 
-Every directory ``plateau_jax/models/<name>/`` holding a ``config.json`` becomes
+Every directory ``plateau_jax/assets/<name>/`` holding a ``config.json`` becomes
 ``plateau_jax.loading.LOCAL_MODELS[<name>]``; ``load_gpt2("tiny-plateau")`` then reads it with
 no network. ``tiny-plateau`` is the project's own small GPT-2 (trained by
 ``python -m experiments.train``; see the README) and the scripts' default model.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from plateau_jax import loading
+from plateau_jax.model import loading
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 # Files every shipped model directory carries besides the checkpoint itself.
 HELDOUT_SAMPLE = "heldout_sample.txt"
 

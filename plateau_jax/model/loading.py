@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.config import GPT2Config
-from plateau_jax.model import GPT2, abstract_params, resolve_dtype
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.model import GPT2, abstract_params, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
 
 def _iter_tensors(kind: str, files) -> Iterator[Tuple[str, np.ndarray]]:
     if kind == "pickle":
-        from plateau_jax.pickle_weights import load_torch_state_dict
+        from plateau_jax.model.pickle_weights import load_torch_state_dict
         yield from load_torch_state_dict(files[0]).items()
         return
     for path in files:

@@ -6,7 +6,7 @@ import difflib
 import re
 from typing import Iterable, Tuple
 
-from plateau_jax.config import GPT2Config
+from plateau_jax.model.config import GPT2Config
 
 BLOCK_SITES = (
     "hook_resid_pre", "ln1.hook_normalized", "attn.hook_pattern", "hook_attn_out",

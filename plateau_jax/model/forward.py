@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax import sites as sites_lib
-from plateau_jax.config import GPT2Config
-from plateau_jax.model import GPT2
-from plateau_jax.modules import Block, Hooks, LayerNorm
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.model import GPT2
+from plateau_jax.model.modules import Block, Hooks, LayerNorm
 
 Array = jax.Array
 _SWAP_RE = re.compile(r"^blocks\.(\d+)(\.mlp)?$")

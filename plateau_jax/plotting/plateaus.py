@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from plateau_jax import io  # noqa: E402
+from plateau_jax import files  # noqa: E402
 
 CMAP = "viridis"
 FIGURES = ("downstream_layers", "each_interp_layer", "layers_between", "freezing",
@@ -234,7 +234,7 @@ def save_all(res: Dict[str, np.ndarray], output_dir: str, fmt: str = "png",
     for name in FIGURES:
         fig = _BUILDERS[name](res)
         path = os.path.join(output_dir, f"{name}.{fmt}")
-        io.atomic_savefig(fig, path, dpi=dpi)
+        files.atomic_savefig(fig, path, dpi=dpi)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -1,0 +1,1 @@
+"""Interpolation science: paths, prompt pairs, interpolation runs and their metrics."""

@@ -1,0 +1,1 @@
+"""Every figure the package draws."""
