@@ -68,7 +68,7 @@ def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
     from plateau_jax.jacobians.mlp import mlp_frobenius_gram
     if "f" not in _JITTED:
         _JITTED["f"] = jax.jit(mlp_frobenius_gram, static_argnums=(1,))
-    blk = model.params["h"][str(layer)]
+    blk = model.block(layer)
     return np.asarray(_JITTED["f"](blk, model.config, jnp.asarray(resid_mid, model.dtype)))
 
 
@@ -78,7 +78,7 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
     import plateau_jax
     from plateau_jax.plateaus import paths
-    from plateau_jax.model.sites import site
+    from plateau_jax.model.sites import site_name as site
 
     cfg = model.config
     ids = np.stack([np.append(pair.context_ids, pair.token_a),

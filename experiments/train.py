@@ -65,8 +65,9 @@ def define_flags():
 
 
 def _decay_mask(params):
+    """Weight decay on weight matrices (``W_*``) only, not on biases or norm gains."""
     import jax
-    return jax.tree_util.tree_map(lambda a: a.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(lambda path, a: path[-1].key.startswith("W_"), params)
 
 
 def make_optimizer(lr: float, warmup: int, steps: int, min_lr_ratio: float, weight_decay: float,
@@ -84,15 +85,9 @@ def make_optimizer(lr: float, warmup: int, steps: int, min_lr_ratio: float, weig
 
 
 def loss_fn(params, config, batch):
-    """Mean next-token cross-entropy (nats) of ``batch`` [B, T+1]."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from plateau_jax.model.modules import GPT2LMHead
-    logits = GPT2LMHead(config).apply({"params": params}, batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch[:, 1:]).mean()
+    """Mean next-token cross-entropy (nats) of ``batch`` [B, T+1] (the library's core forward)."""
+    from plateau_jax.training.loss import next_token_loss
+    return next_token_loss(params, config, batch)
 
 
 def make_train_step(config, optimizer):
@@ -165,9 +160,9 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     corpus.update(train_tokens=int(len(train_stream)), heldout_tokens=int(len(held_stream)))
     logging.info("Corpus: %s", corpus)
 
-    config = plateau_jax.GPT2Config(vocab_size=vocab, n_positions=n_ctx, n_embd=n_embd,
-                                    n_layer=n_layer, n_head=n_head,
-                                    n_inner=n_inner or 4 * n_embd)
+    config = plateau_jax.ModelConfig.gpt2(vocab_size=vocab, n_positions=n_ctx, d_model=n_embd,
+                                          n_layer=n_layer, n_head=n_head,
+                                          d_mlp=n_inner or 4 * n_embd)
     model = plateau_jax.init_model(config, seed=seed, tokenizer=tokenizer)
     n_params = int(sum(a.size for a in jax.tree_util.tree_leaves(model.params)))
     optimizer, schedule = make_optimizer(lr, warmup_steps, steps, min_lr_ratio, weight_decay,
