@@ -18,7 +18,7 @@ from plateau_jax.model.loading import (CheckpointError, apply_center_writing_wei
 from plateau_jax.model.model import GPT2, Model, init_model
 from plateau_jax.model.params import abstract_params, block_params, unembedding
 from plateau_jax.model.sites import UnknownSiteError, all_sites, site_name
-from plateau_jax.model import shipped as _shipped  # registers the shipped models (tiny-plateau)
+from plateau_jax.model.shipped import gpt2_tokenizer  # (importing registers tiny-plateau)
 
 # Names of the first release, kept for one release.
 Prefix = KVCache

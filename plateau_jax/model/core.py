@@ -94,7 +94,7 @@ def record_layers(layers_by_site: Dict[str, Sequence[int]], n_layer: int) -> Int
     for local, ls in sorted(layers_by_site.items()):
         s = np.full(n_layer, -1, np.int32)
         s[list(ls)] = np.arange(len(ls), dtype=np.int32)
-        slots[local] = jnp.asarray(s)
+        slots[local] = s
         sizes.append((local, len(ls)))
     return Interventions(rec_slots=slots, rec_sizes=tuple(sizes))
 
@@ -103,7 +103,7 @@ def layer_patch(values, layers_patched: Sequence[int], n_layer: int, where=None)
     """A :class:`Patch` putting row ``j`` of ``values`` into layer ``layers_patched[j]``."""
     s = np.full(n_layer, -1, np.int32)
     s[list(layers_patched)] = np.arange(len(layers_patched), dtype=np.int32)
-    return Patch(values=values, slots=jnp.asarray(s), where=where)
+    return Patch(values=values, slots=s, where=where)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -132,7 +132,8 @@ class _Hook:
     def __call__(self, name: str, value: Array) -> Array:
         patch = self.iv.patches.get(name)
         if patch is not None:
-            value = _patch(value, patch, None if self.i is None else patch.slots[self.i])
+            slot = None if self.i is None else jnp.asarray(patch.slots)[self.i]
+            value = _patch(value, patch, slot)
         if name in (self.iv.rec_global if self.i is None else self.iv.rec_slots):
             self.recs[name] = value
         return value
@@ -252,7 +253,7 @@ def run_blocks(params, cfg: ModelConfig, x: Array, *, positions: Array,
         y = hook("hook_resid_post", y)
         out = {"_x": y}
         for n in recorded:
-            slot = iv.rec_slots[n][i]
+            slot = jnp.asarray(iv.rec_slots[n])[i]
             buf = bufs[n]
             row = jnp.where(slot >= 0, slot, buf.shape[0] - 1)
             out[n] = jax.lax.dynamic_update_index_in_dim(buf, hook.recs[n].astype(buf.dtype), row, 0)
@@ -323,7 +324,7 @@ def continue_from(params, cfg: ModelConfig, cache: KVCache, x: Array, entry: Arr
     x, recs, _ = run_blocks(params, cfg, x, positions=positions, context=cache, entry=entry, iv=iv)
     logits = unembed(params, cfg, x, ghook)
     for name, k in iv.rec_sizes:  # rows of sites upstream of the entry were never computed
-        layer = jnp.argmax(iv.rec_slots[name][None, :] == jnp.arange(k)[:, None], axis=1)
+        layer = jnp.argmax(jnp.asarray(iv.rec_slots[name])[None, :] == jnp.arange(k)[:, None], axis=1)
         computed = 2 * layer + _half_offset(name, cfg) >= entry
         recs[name] = jnp.where(computed.reshape((k,) + (1,) * (recs[name].ndim - 1)),
                                recs[name], jnp.nan)
