@@ -64,6 +64,8 @@ def pin_threads(n: int) -> Dict[str, Any]:
     """
     allowed = sorted(os.sched_getaffinity(0))
     settings = {"threads": n, "cpus_visible": len(allowed)}
+    # GPUs: jax would otherwise take 75% of the memory at start and leave torch none
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if n > 0:
         if n > len(allowed):
             raise SystemExit(f"--threads={n} but only {len(allowed)} CPUs are available to this "
@@ -117,6 +119,11 @@ def configure_jax(args) -> Dict[str, Any]:
                      device_kind=getattr(dev, "device_kind", ""), compilation_cache=cache,
                      matmul_precision=args.matmul_precision)
     return dict(_SETTINGS)
+
+
+def torch_device() -> str:
+    """The device the torch side runs on: CUDA when jax runs on a GPU, else the CPU."""
+    return _SETTINGS.get("torch_device", "cpu")
 
 
 def thread_ticks() -> Dict[int, int]:
@@ -188,14 +195,17 @@ class Timing:
         return {"cold_s": self.cold, "cold_cpu_s": self.cold_cpu, "warm_s": w,
                 "warm_median_s": self.median, "warm_min_s": min(w) if w else None,
                 "warm_max_s": max(w) if w else None, "warm_cpu_median_s": self.median_cpu,
-                "busy_threads": self.busy_threads, "scale": self.scale, "sampled": self.sampled}
+                "busy_threads": self.busy_threads,
+                "cores_busy": ratio(self.median_cpu, self.median), "scale": self.scale, "sampled": self.sampled}
 
     def describe(self) -> str:
         s = f"cold {fmt_s(self.cold)}"
         if self.warm:
             s += (f", warm median {fmt_s(self.median)} (min {fmt_s(min(self.warm))}, max "
                   f"{fmt_s(max(self.warm))}, n={len(self.warm)}; cpu {fmt_s(self.median_cpu)})")
-        s += f"; {self.busy_threads} busy thread(s)"
+        if self.warm:
+            s += (f"; {self.busy_threads} thread(s) ran it, "
+                  f"{ratio(self.median_cpu, self.median):.1f} cores busy")
         if self.sampled:
             s += f"; SAMPLED: {self.sampled}"
         return s
@@ -211,12 +221,24 @@ def fmt_s(t: Optional[float]) -> str:
     return f"{t * 1e3:.1f} ms"
 
 
+@dataclasses.dataclass
+class Measured:
+    """Returned by a timed function that measured itself (e.g. in a subprocess): these times are
+    recorded instead of the call's."""
+
+    wall: float
+    cpu: float
+    out: Any = None
+
+
 def _timed_call(fn: Callable, timing: Timing, cold: bool):
     t0 = thread_ticks()
     c = time.process_time()
     t = time.perf_counter()
     out = block(fn())
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    if isinstance(out, Measured):
+        wall, cpu = out.wall, out.cpu
     timing.record(wall, cpu, cold)
     t1 = thread_ticks()
     for tid, v in t1.items():
@@ -244,6 +266,19 @@ def compare(sides: Dict[str, Callable], repeats: int, scales: Optional[Dict[str,
 
 def ratio(num: float, den: float) -> float:
     return num / den if den and den == den and num == num else float("nan")
+
+
+def child_result(code: str, *argv: str, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Runs ``python -c code argv...`` and returns the JSON it prints after ``RESULT ``; raises
+    with the child's stderr when it fails."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         env=dict(os.environ, **(env or {})))
+    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+    if res.returncode or not line:
+        raise RuntimeError(f"child process failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
 
 
 # ----------------------------------------------------------------------------- report
@@ -335,7 +370,7 @@ def start(name: str, parser: argparse.ArgumentParser, config_fn: Callable[[Any],
     args = parser.parse_args(argv)
     pin_threads(args.threads)
     configure_jax(args)
-    if getattr(args, "baseline", True):
+    if str(getattr(args, "baseline", "true")).lower() not in ("false", "0", "no"):
         import jax
 
         configure_torch("cuda" if jax.devices()[0].platform == "gpu" else "cpu")

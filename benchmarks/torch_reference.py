@@ -43,8 +43,10 @@ def no_tf32():
 def load_hf(directory: str, dtype: str = "float32", device: str = "cpu"):
     """transformers' GPT2LMHeadModel (eager attention, eval mode) from a checkpoint directory."""
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
     torch = _torch()
+    hf_logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}.")
     no_tf32()
