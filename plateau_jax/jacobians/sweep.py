@@ -351,10 +351,17 @@ def _grams_jit(blocks, config, precision):
         return jax.lax.map(lambda bp: mlp_grams(bp, config), blocks)
 
 
-def mlp_grams_for(model: Model) -> Dict[str, Array]:
+def mlp_grams_for(model: Model, layers: Optional[Sequence[int]] = None) -> Dict[str, Array]:
     """Every layer's Gram matrix ``{"M": [L, m, m]}`` for ``mlp_method="gram"``; compute once,
     pass as ``grams=`` for every prompt pair (memory: L m^2 floats; without it each sweep
-    computes the matrices of the layers it needs inside the call)."""
+    computes the matrices of the layers it needs inside the call).
+
+    ``layers`` is accepted for the callers of the first release (which stacked only the layers
+    a sweep used) and checked, but every layer is computed: sweeps index the stack by layer.
+    """
+    if layers is not None:
+        for l in layers:
+            sites_lib.check_layer(int(l), model.config)
     return _grams_jit(model.params["blocks"], model.config, model.matmul_precision)
 
 
