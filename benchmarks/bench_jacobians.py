@@ -156,7 +156,8 @@ def bench_ab(args, report, s):
         fl_ours, fl_torch = flops_closed(d, m) * L * N, flops_jacrev(d, m) * L * N
         extra = {"flops_ours": fl_ours, "flops_study": fl_torch,
                  "gflops_per_s_ours": fl_ours / t["ours (a)"].median / 1e9,
-                 "gflops_per_s_plain_matmul": 2.0 * d * d * m * L * N / t["plain matmul"].median / 1e9,
+                 "gflops_per_s_plain_matmul":
+                     2.0 * d * d * m * L * N / t["plain matmul"].median / 1e9,
                  "ours_vs_plain_matmul": t["plain matmul"].median / t["ours (a)"].median}
         if base:
             extra["gflops_per_s_study"] = fl_torch / t[base].median / 1e9
@@ -248,6 +249,7 @@ def main(argv=None):
     args, report = harness.start("bench_jacobians", build_parser(), _config, argv)
     s = setup(args)
     s["site"] = args.site
+    report.record["config"].update(layers=len(s["layers"]), n_layer=s["model"].config.n_layer)
     wl = args.workloads.split(",")
     base_timing = None
     if {"a", "b"} & set(wl):

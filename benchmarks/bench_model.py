@@ -115,7 +115,8 @@ def bench_forward(args, report):
 
     model, directory = common.load(args, need_dir=args.baseline == "true")
     cfg = model.config
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     sides = {"ours": lambda: pj.forward(model, ids)[0]}
     if args.baseline == "true":
         from benchmarks.torch_reference import load_hf
@@ -141,13 +142,8 @@ def bench_forward(args, report):
 
 
 def main(argv=None):
-    args, report = harness.start("bench_model", build_parser(), _config, argv)
-    wl = args.workloads.split(",")
-    if "load" in wl:
-        bench_load(args, report)
-    if "forward" in wl:
-        bench_forward(args, report)
-    return report.finish()
+    return harness.run_workloads("bench_model", build_parser(), _config,
+                                 {"load": bench_load, "forward": bench_forward}, argv)
 
 
 if __name__ == "__main__":

@@ -131,13 +131,8 @@ def bench_scaling(args, report):
 
 
 def main(argv=None):
-    args, report = harness.start("bench_sweep", build_parser(), _config, argv)
-    wl = args.workloads.split(",")
-    if "sweep" in wl:
-        bench_sweep(args, report)
-    if "scaling" in wl:
-        bench_scaling(args, report)
-    return report.finish()
+    return harness.run_workloads("bench_sweep", build_parser(), _config,
+                                 {"sweep": bench_sweep, "scaling": bench_scaling}, argv)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ STUDY_TOKENS = (1263, 287)
 
 def add_model_flags(parser: argparse.ArgumentParser, size: str = "gpt2") -> argparse.ArgumentParser:
     parser.add_argument("--model", default="",
-                        help="checkpoint directory to benchmark (default: random weights of --size)")
+                        help="checkpoint directory (default: random weights of --size)")
     parser.add_argument("--size", default=size,
-                        help="preset of the random model: gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
-    parser.add_argument("--n_layer", type=int, default=0, help="override the preset's depth (0: keep)")
+                        help="preset of the random model: gpt2, gpt2-medium, gpt2-large, ...")
+    parser.add_argument("--n_layer", type=int, default=0,
+                        help="override the preset's depth (0: keep)")
     return parser
 
 

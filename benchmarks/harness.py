@@ -196,7 +196,8 @@ class Timing:
                 "warm_median_s": self.median, "warm_min_s": min(w) if w else None,
                 "warm_max_s": max(w) if w else None, "warm_cpu_median_s": self.median_cpu,
                 "busy_threads": self.busy_threads,
-                "cores_busy": ratio(self.median_cpu, self.median), "scale": self.scale, "sampled": self.sampled}
+                "cores_busy": ratio(self.median_cpu, self.median), "scale": self.scale,
+                "sampled": self.sampled}
 
     def describe(self) -> str:
         s = f"cold {fmt_s(self.cold)}"
@@ -377,3 +378,15 @@ def start(name: str, parser: argparse.ArgumentParser, config_fn: Callable[[Any],
     report = Report(name, args, config_fn(args))
     report.header()
     return args, report
+
+
+def run_workloads(name: str, parser: argparse.ArgumentParser,
+                  config_fn: Callable[[Any], Dict[str, Any]],
+                  workloads: Dict[str, Callable[[Any, Report], None]], argv=None):
+    """:func:`start`, then each workload named in ``--workloads`` in the order given here."""
+    args, report = start(name, parser, config_fn, argv)
+    chosen = args.workloads.split(",")
+    for key, fn in workloads.items():
+        if key in chosen:
+            fn(args, report)
+    return report.finish()

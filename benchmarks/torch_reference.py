@@ -10,7 +10,7 @@ transformers' layout), on CPU or CUDA (TF32 off), in float32 or float64.
 ``plateau_jax`` never imports this module (nor torch). Usage as a script (the GPU suite's
 baseline step; pure torch, no jax)::
 
-    python -m benchmarks.torch_reference --model=DIR [--device=cuda] [--layer_steps=3 --stack_steps=1]
+    python -m benchmarks.torch_reference --model=DIR [--device=cuda] [--layer_steps=3]
 """
 
 from __future__ import annotations
@@ -302,6 +302,8 @@ def time_study_jacobians(directory: str, device: str = "cpu", n_steps: int = 50,
     load_s = time.perf_counter() - t0
     L = tm.n_layer
     later = list(range(1, L))[: layers or None]
+    if not later:
+        raise ValueError(f"a {L}-layer model has no layer after blocks.0.hook_resid_post.")
     out = {"device": str(tm.device), "torch": torch.__version__, "n_layer": L, "n_steps": n_steps,
            "load_s": load_s, "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
     a, b = tm.endpoints(tokens[0], tokens[1], 0)
@@ -351,7 +353,7 @@ def time_study_jacobians(directory: str, device: str = "cpu", n_steps: int = 50,
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory (transformers' layout)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--layer_steps", type=int, default=3, help="steps timed for MLP Jacobians")
     ap.add_argument("--stack_steps", type=int, default=1, help="steps timed for the full stack")
@@ -362,6 +364,8 @@ def main(argv=None):
     torch = _torch()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     res = time_study_jacobians(args.model, args.device, args.steps, args.layer_steps,
                                args.stack_steps, args.layers or None)
     print(f"[torch study loop] {res['device']}, torch {res['torch']}, TF32 {res['tf32']}: MLP "
