@@ -22,7 +22,7 @@ def define_runtime_flags():
         return
     flags.DEFINE_enum("matmul_precision", "highest", list(MATMUL_PRECISIONS),
                       "Precision of every matrix product: 'highest' is exact float32 on every "
-                      "backend; 'tensorfloat32', 'bfloat16_3x', 'bfloat16' or 'default' are faster "
+                      "backend; 'high', 'tensorfloat32', 'bfloat16' or 'default' are faster "
                       "on GPUs/TPUs and less accurate (docs/numerics.md).")
     flags.DEFINE_string("compilation_cache", DEFAULT_CACHE_DIR,
                         "Persistent XLA compilation cache directory (a second run of the same "

@@ -35,8 +35,10 @@ from plateau_jax.model.sites import HALF, site_index, site_shape
 
 Array = jax.Array
 
-MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16",
-                     "bfloat16_3x")
+# "highest"/"float32": exact float32 products on every backend (the default). Faster, by name:
+# "tensorfloat32" (TF32 tensor cores), "high" (TF32 on GPUs, 3 bf16 passes on TPUs),
+# "bfloat16" (one bf16 pass), "default" (the backend's fastest: TF32 on recent NVIDIA GPUs).
+MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
 
 
 @flax.struct.dataclass
@@ -341,6 +343,6 @@ def check_precision(name: str) -> str:
     if name not in MATMUL_PRECISIONS:
         raise ValueError(
             f"matmul_precision={name!r} is not one of {MATMUL_PRECISIONS}. 'highest' (the default) "
-            "is exact float32 on every backend; 'tensorfloat32', 'bfloat16_3x', 'bfloat16' or "
-            "'default' trade accuracy for speed on GPUs/TPUs (see docs/numerics.md).")
+            "is exact float32 on every backend; 'high', 'tensorfloat32', 'bfloat16' or 'default' "
+            "trade accuracy for speed on GPUs/TPUs (see docs/numerics.md).")
     return name
