@@ -174,6 +174,11 @@ def make_steps(args) -> List[Step]:
               f"--output_dir={os.path.join(runs, 'sweep')}",
               f"--compilation_cache={cache('sweep')}"], 150,
              fresh=[cache("sweep"), os.path.join(runs, "sweep")]),
+        Step("precision_errors", "benchmarks/precision_errors.py: errors of every "
+             "matmul_precision against 'highest' and of 'highest' against PyTorch (docs/numerics.md)",
+             [py, "benchmarks/precision_errors.py", f"--size={args.size}",
+              f"--n_layer={args.n_layer or 12}", f"--json_out={js('precision_errors')}"], 150,
+             json_out=js("precision_errors")),
         Step("pytest", f"python -m pytest {args.pytest_args} on this device",
              [py, "-m", "pytest"] + args.pytest_args.replace('"', "").split(), 300,
              env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
@@ -306,8 +311,11 @@ def rows(steps: Dict[str, Step], args) -> List[dict]:
     add(step="sweep", what=st.what + " (pairs/s incl. compilation; baseline: the study's MLP "
         "Jacobians alone per pair)", warm=pps, baseline=b, ratio=(pps / b if pps and b else None),
         status=st.status, units="pairs/s")
+    st = steps["precision_errors"]
+    add(step="precision_errors", what=st.what + " (table below)", cold=st.wall, status=st.status)
     st = steps["pytest"]
-    add(step="pytest", what=st.what + (f": {st.result.get('summary', '')}"), cold=st.wall,
+    summary = st.result.get("summary")
+    add(step="pytest", what=st.what + (f": {summary}" if summary else ""), cold=st.wall,
         status=st.status)
     return out
 
@@ -349,8 +357,24 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['step']} | {r['what']} | {_fmt(r['cold'])} | {_fmt(r['warm'], u)} | "
                      f"{_fmt(r['baseline'], u)} | {ratio} | {r['target'] or '-'} | "
                      f"{r['status']} |")
+    lines += precision_table(report.get("precision_errors") or {})
     lines += ["", "Logs: `logs/<step>.log`; JSON records: `logs/<step>.json`, `gpu_suite.json`."]
     return "\n".join(lines) + "\n"
+
+
+def precision_table(table: dict) -> List[str]:
+    """precision_errors.py's record as Markdown: errors against matmul_precision='highest'."""
+    if not table:
+        return []
+    out = ["", "Errors of each `matmul_precision` against `highest` (random model, "
+           "`benchmarks/precision_errors.py`):", "",
+           "| precision | logits max rel | r(alpha) max abs | MLP Jacobian norms max rel |",
+           "|---|---|---|---|"]
+    for name, row in table.items():
+        cell = lambda k, e: f"{row[k][e]:.2e}" if k in row else "-"  # noqa: E731
+        out.append(f"| {name} | {cell('logits', 'max_rel')} | {cell('r', 'max_abs')} | "
+                   f"{cell('mlp_fro', 'max_rel')} |")
+    return out
 
 
 def _pytest_summary(step: Step) -> None:
@@ -403,6 +427,8 @@ def main(argv=None):
               "total_s": time.perf_counter() - t0, "env": by_name["env"].result,
               "steps": [{k: v for k, v in dataclasses.asdict(s).items()} for s in steps]}
     report["rows"] = rows(by_name, args)
+    if by_name["precision_errors"].status == "ok":
+        report["precision_errors"] = by_name["precision_errors"].result
     write_json(os.path.join(args.out, "gpu_suite.json"), report)
     md = markdown(report)
     with open(os.path.join(args.out, "gpu_suite.md"), "w") as f:
