@@ -1,114 +1,144 @@
-"""Interpolation at every layer: the study's way against the prefix-cached continuation.
+"""Interpolation at every layer: the study's loop against the prefix-cached continuation.
 
-Same random GPT-2-small-sized weights, same run: P pairs x n steps x every interpolation
-layer, recording the default components of every later layer and the logits.
+Same random weights, same process, interleaved, pinned threads (:mod:`benchmarks.harness`):
+``--pairs`` pairs x ``--steps`` steps x every interpolation layer, recording attn_out,
+resid_mid, mlp_pre, mlp_out and resid_post of every later layer and the logits.
 
-* study: endpoints from one full forward of both prompts; then, for each interpolation layer,
-  one batched full forward of context + last token (all pairs and steps) with the
-  interpolated vector substituted at the last position (``forward(..., patches=...)``),
-  recording every position (as TransformerLens' cache does) and keeping the last.
-* ours: the context runs once (:func:`plateau_jax.run_prefix`), endpoints for every layer
-  in one continuation, then one :func:`plateau_jax.plateau.interpolation_run` per layer.
+* study loop (PyTorch, :meth:`benchmarks.torch_reference.TorchGPT2.study_loop`): per pair and
+  layer, the endpoints by two forwards, then one full forward per alpha step with the value fed
+  through a hook. Timed on ``--baseline_steps`` steps per (pair, layer) and scaled linearly.
+* jax full forward: the same in plateau_jax, batched: one full forward of context + token per
+  layer for all pairs and steps, the last position patched (what the study's loop costs
+  without its per-step Python loop).
+* ours: the context once (:func:`plateau_jax.run_prefix`), endpoints of every layer in one
+  continuation, then one :func:`~plateau_jax.plateaus.interpolation.interpolation_run` per layer.
 
-"cold" includes jit compilation (one per layer for both), "warm" is an identical later pass
-(``--reps`` of them; the two ways alternate, so load changes on a shared machine hit both).
-Usage (repo root)::
-
-    python -m benchmarks.bench_interpolation            # 12 layers, 2 x 50 steps, ctx 4 and 64
-    python -m benchmarks.bench_interpolation --quick    # 4 layers, 2 x 10 steps, ctx 4 and 16
+    python benchmarks/bench_interpolation.py                       # GPT-2 small size, 12 layers
+    python benchmarks/bench_interpolation.py --n_layer=4 --steps=10 --ctx=16 --repeats=1
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import plateau_jax
-from plateau_jax.plateaus import paths
-from plateau_jax.plateaus import interpolation
+from benchmarks import common, harness  # noqa: E402
 
-
-def _block(tree):
-    jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
+RECORDED = ("attn_out", "resid_mid", "mlp_pre", "mlp_out", "resid_post")
 
 
-def study_way(model, ctx, tokens, alpha):
-    """Full forwards with the substitution; returns {layer: (logits, acts)} at the last position."""
-    cfg = model.config
-    P = tokens.shape[0]
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_flags(ap)
+    ap.add_argument("--ctx", type=int, default=4, help="context length (random tokens)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--baseline", default="true", choices=["true", "false"])
+    ap.add_argument("--baseline_steps", type=int, default=3,
+                    help="study loop: steps timed per (pair, layer), scaled (0: all)")
+    ap.add_argument("--jax_full_forward", default="true", choices=["true", "false"])
+    harness.add_flags(ap)
+    return ap
+
+
+def _config(args) -> dict:
+    return {**common.model_config(args), "ctx": args.ctx, "steps": args.steps,
+            "pairs": args.pairs, "baseline_steps": args.baseline_steps}
+
+
+def jax_full_forward(model, ctx, tokens, alpha):
+    """Full forwards with the substitution; {layer: (logits, acts)} at the last position."""
+    import numpy as np
+
+    import plateau_jax as pj
+    from plateau_jax.plateaus import interpolation, paths
+
+    cfg, P = model.config, tokens.shape[0]
     ids = np.concatenate([np.repeat(ctx[None], 2 * P, 0), tokens.reshape(-1, 1)], 1)
-    resid = [plateau_jax.site(l, "resid_post") for l in range(cfg.n_layer)]
-    _, rec = plateau_jax.forward(model, ids, sites=resid)
+    resid = [pj.site_name(l, "resid_post") for l in range(cfg.n_layer)]
+    _, rec = pj.forward(model, ids, sites=resid)
     out = {}
-    for layer in range(cfg.n_layer):
-        ends = rec[resid[layer]][:, -1].reshape(P, 2, -1)
+    for layer in range(cfg.n_layer - 1):
+        ends = np.asarray(rec[resid[layer]])[:, -1].reshape(P, 2, -1)
         x = paths.interpolate(ends[:, 0], ends[:, 1], alpha).reshape(P * alpha.size, -1)
         names = [interpolation.component_site(l, c) for l in range(layer + 1, cfg.n_layer)
-                 for c in interpolation.DEFAULT_COMPONENTS]
-        batch_ids = np.repeat(ids[::2], alpha.size, 0)  # context + token A; the last is overwritten
-        logits, acts = plateau_jax.forward(model, batch_ids, sites=names,
-                                           patches={resid[layer]: x})
-        out[layer] = (logits[:, -1], {k: v[:, -1] for k, v in acts.items()})
-        _block(out[layer])
+                 for c in RECORDED]
+        batch_ids = np.repeat(ids[::2], alpha.size, 0)  # context + token A; the last is patched
+        logits, acts = pj.forward(model, batch_ids, sites=names, patches={resid[layer]: x})
+        out[layer] = harness.block((logits[:, -1], {k: v[:, -1] for k, v in acts.items()}))
     return out
 
 
-def our_way(model, ctx, tokens, alpha):
-    cfg = model.config
-    P = tokens.shape[0]
-    prefix = plateau_jax.run_prefix(model, ctx)
+def ours(model, ctx, tokens, alpha):
+    import plateau_jax as pj
+    from plateau_jax.plateaus import interpolation
+
+    cfg, P = model.config, tokens.shape[0]
+    prefix = pj.run_prefix(model, ctx)
     ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), range(cfg.n_layer))
     ends = ends.reshape(cfg.n_layer, P, 2, -1)
     out = {}
-    for layer in range(cfg.n_layer):
-        run = interpolation.interpolation_run(model, prefix, ends[layer, :, 0], ends[layer, :, 1], layer,
-                                        alpha, check_finite=False)
+    for layer in range(cfg.n_layer - 1):
+        run = interpolation.interpolation_run(model, prefix, ends[layer, :, 0], ends[layer, :, 1],
+                                              layer, alpha, components=RECORDED,
+                                              check_finite=False)
         out[layer] = (run.logits, run.acts)
-        _block(out[layer])
     return out
 
 
-def _timed(fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t, out
+def main(argv=None):
+    import numpy as np
 
+    args, report = harness.start("bench_interpolation", build_parser(), _config, argv)
+    from plateau_jax.plateaus import paths
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 layers, 10 steps, contexts 4 and 16")
-    ap.add_argument("--contexts", default=None, help="comma list of context lengths (4,64)")
-    ap.add_argument("--steps", type=int, default=None, help="alpha steps (50)")
-    ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--n_layer", type=int, default=None, help="override the preset's depth")
-    ap.add_argument("--preset", default="gpt2")
-    ap.add_argument("--reps", type=int, default=1, help="warm passes (study and ours alternate)")
-    args = ap.parse_args()
-    contexts = [int(c) for c in (args.contexts or ("4,16" if args.quick else "4,64")).split(",")]
-    steps = args.steps or (10 if args.quick else 50)
-    overrides = {"n_layer": args.n_layer or (4 if args.quick else None)}
-    config = plateau_jax.GPT2Config.preset(args.preset, **{k: v for k, v in overrides.items() if v})
-    model = plateau_jax.init_model(config, seed=0)
-    alpha = paths.alpha_grid(steps)
+    model, directory = common.load(args, need_dir=args.baseline == "true")
+    cfg = model.config
     rng = np.random.default_rng(0)
-    print(f"device {jax.devices()[0]}, {args.preset} sized (n_layer={config.n_layer}, "
-          f"d={config.n_embd}), random weights; {args.pairs} pairs x {steps} steps x "
-          f"{config.n_layer} interpolation layers")
-    print(f"{'context':>8} {'pass':>5} {'study s':>9} {'ours s':>8} {'speed-up':>9} {'max |diff|':>11}")
-    for T in contexts:
-        ctx = rng.integers(0, config.vocab_size, T).astype(np.int32)
-        tokens = rng.integers(0, config.vocab_size, (args.pairs, 2)).astype(np.int32)
-        for label in ["cold"] + ["warm"] * args.reps:
-            t_study, ref = _timed(study_way, model, ctx, tokens, alpha)
-            t_ours, got = _timed(our_way, model, ctx, tokens, alpha)
-            diff = max(float(np.max(np.abs(np.asarray(got[l][0]).reshape(ref[l][0].shape)
-                                           - np.asarray(ref[l][0])))) for l in ref)
-            print(f"{T:>8} {label:>5} {t_study:>9.2f} {t_ours:>8.2f} {t_study / t_ours:>8.1f}x "
-                  f"{diff:>11.2e}", flush=True)
-            del ref, got
+    ctx = rng.integers(0, cfg.vocab_size, args.ctx).astype(np.int32)
+    tokens = rng.integers(0, cfg.vocab_size, (args.pairs, 2)).astype(np.int32)
+    alpha = paths.alpha_grid(args.steps)
+    sides, scales, sampled = {}, {}, {}
+    if args.baseline == "true":
+        from benchmarks.torch_reference import TorchGPT2, sample_steps
+
+        tm = TorchGPT2(directory, ctx, device=harness.torch_device())
+        ks = sample_steps(args.steps, args.baseline_steps)
+        sides["study loop"] = lambda: [tm.study_loop(int(a), int(b), layer, args.steps, ks,
+                                                     jacobians=False)
+                                       for a, b in tokens for layer in range(cfg.n_layer - 1)]
+        scales["study loop"] = args.steps / len(ks)
+        if len(ks) < args.steps:
+            sampled["study loop"] = (f"{len(ks)} of {args.steps} steps per (pair, layer), "
+                                     "scaled linearly (endpoint forwards scaled too)")
+    if args.jax_full_forward == "true":
+        sides["jax full forward"] = lambda: jax_full_forward(model, ctx, tokens, alpha)
+    sides["ours"] = lambda: ours(model, ctx, tokens, alpha)
+    keep = {}
+    t = harness.compare(sides, args.repeats, scales, sampled, keep)
+    got = keep["ours"]
+    what = (f"{args.pairs} pairs x {args.steps} steps x {cfg.n_layer - 1} interpolation layers, "
+            f"context {args.ctx} tokens")
+    if "study loop" in t:
+        L1, ref = cfg.n_layer - 1, keep["study loop"]
+        diff = max(float(np.max(np.abs(np.asarray(got[l][0])[p, ks] - ref[p * L1 + l]["logits"])))
+                   for p in range(args.pairs) for l in range(L1))
+        report.add("interp", what + " (baseline: the study's torch loop)",
+                   {k: t[k] for k in ("study loop", "ours")}, baseline="study loop",
+                   max_abs_logit_diff=diff)
+    if "jax full forward" in t:
+        ref = keep["jax full forward"]
+        diff = max(float(np.max(np.abs(np.asarray(got[l][0]).reshape(ref[l][0].shape)
+                                       - np.asarray(ref[l][0])))) for l in ref)
+        report.add("interp_full_forward", what + " (baseline: full forwards in plateau_jax)",
+                   {k: t[k] for k in ("jax full forward", "ours")},
+                   baseline="jax full forward", max_abs_logit_diff=diff)
+    common.cleanup(directory, args)
+    return report.finish()
 
 
 if __name__ == "__main__":

@@ -1,115 +1,150 @@
-"""Loading and forward-pass benchmark (issue: functional GPT-2).
+"""Loading and the forward pass: plateau_jax against transformers' PyTorch GPT-2, same weights.
 
-1. Load time and peak RSS of ``load_gpt2`` on a random GPT-2-Large-sized checkpoint written to a
-   temp dir (the loader runs in a fresh subprocess so its peak RSS is its own), against the size
-   of the checkpoint on disk.
-2. Forward throughput (tokens/s) of ``plateau_jax.forward`` against transformers' PyTorch
-   GPT2LMHeadModel on the same random weights, same process, same CPU; prints the ratio.
+1. Loading (``load``): :func:`plateau_jax.load_model` against transformers'
+   ``GPT2LMHeadModel.from_pretrained`` on the same checkpoint (random weights of ``--load_size``
+   written to a temp dir, or ``--model``), each in a fresh subprocess (so peak RSS is its own),
+   interleaved; time from the start of the load call (imports excluded) and peak RSS against
+   the checkpoint's size on disk.
+2. Forward (``forward``): logits of a ``--batch`` x ``--seq`` batch, :func:`plateau_jax.forward`
+   against HF torch (eager attention, no_grad) on ``--size`` random weights, interleaved.
 
-Usage: python -m benchmarks.bench_model [--size=gpt2-large] [--fwd_size=gpt2] [--batch=8 --seq=128]
+    python benchmarks/bench_model.py                              # both, load on GPT-2 Large size
+    python benchmarks/bench_model.py --workloads=forward --batch=1 --seq=8
 """
 
+from __future__ import annotations
+
+import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
-import numpy as np
-from absl import app, flags
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-flags.DEFINE_string("size", "gpt2-large", "Preset for the loading benchmark.")
-flags.DEFINE_string("fwd_size", "gpt2", "Preset for the forward benchmark.")
-flags.DEFINE_integer("batch", 8, "Forward batch size.")
-flags.DEFINE_integer("seq", 128, "Forward sequence length.")
-flags.DEFINE_integer("repeats", 5, "Timed repeats (best is reported).")
-flags.DEFINE_bool("skip_load", False, "Skip the loading benchmark.")
-FLAGS = flags.FLAGS
+from benchmarks import common, harness  # noqa: E402
 
-_LOAD_CHILD = """
-import resource, sys, time
-t = time.perf_counter()
-import plateau_jax, jax
-m = plateau_jax.load_gpt2(sys.argv[1], require_tokenizer=False)
-jax.block_until_ready(m.params)
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+_LOAD_CHILD = r"""
+import os, sys, time, json
+sys.path.insert(0, {root!r})
+from benchmarks import harness
+harness.pin_threads({threads})
+which, d = sys.argv[1], sys.argv[2]
+def status(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
+if which == "ours":
+    import jax, plateau_jax
+    jax.devices()
+    before = status("VmRSS:")
+    c, t = time.process_time(), time.perf_counter()
+    m = plateau_jax.load_model(d, require_tokenizer=False)
+    jax.block_until_ready(m.params)
+else:
+    from benchmarks import torch_reference
+    harness.configure_torch()
+    import transformers
+    before = status("VmRSS:")
+    c, t = time.process_time(), time.perf_counter()
+    torch_reference.load_hf(d)
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+# VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak over the fork)
+print("RESULT", json.dumps({{"wall": wall, "cpu": cpu, "rss": status("VmHWM:"), "before": before}}))
 """
 
 
-def write_random_checkpoint(preset: str, directory: str) -> int:
-    """Streams random float32 weights of ``preset``'s shapes into model.safetensors; returns bytes."""
-    import json
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_flags(ap)
+    ap.add_argument("--load_size", default="gpt2-large", help="preset of the loading checkpoint")
+    ap.add_argument("--workloads", default="load,forward")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--baseline", default="true", choices=["true", "false"])
+    harness.add_flags(ap)
+    return ap
 
-    from safetensors.numpy import save_file
 
-    import plateau_jax
-    cfg = plateau_jax.GPT2Config.preset(preset)
-    shapes = plateau_jax.model.loading._flatten(plateau_jax.model.params.abstract_params(cfg))
+def _config(args) -> dict:
+    return {**common.model_config(args), "load_size": args.load_size,
+            "workloads": args.workloads, "batch": args.batch, "seq": args.seq}
+
+
+def _load_in_child(which: str, directory: str, threads: int) -> harness.Measured:
+    r = harness.child_result(_LOAD_CHILD.format(root=ROOT, threads=threads), which, directory,
+                             env={"HF_HUB_OFFLINE": "1"})
+    return harness.Measured(r["wall"], r["cpu"], (r["rss"], r["before"]))
+
+
+def bench_load(args, report):
+    import plateau_jax as pj
+
+    with tempfile.TemporaryDirectory(prefix="plateau_bench_load_") as tmp:
+        directory = args.model or tmp
+        if not args.model:
+            cfg = pj.ModelConfig.preset(args.load_size)
+            pj.save_model(pj.init_model(cfg, seed=0), tmp)
+        size = os.path.getsize(os.path.join(directory, "model.safetensors"))
+        sides = {"ours": lambda: _load_in_child("ours", directory, args.threads)}
+        if args.baseline == "true":
+            sides = {"hf torch": lambda: _load_in_child("hf", directory, args.threads), **sides}
+        keep_rss = {k: [] for k in sides}
+
+        def tracked(name, fn):
+            def run():
+                m = fn()
+                keep_rss[name].append(m.out)
+                return m
+            return run
+
+        t = harness.compare({k: tracked(k, f) for k, f in sides.items()}, args.repeats)
+    rss = {k: max(r for r, _ in v) for k, v in keep_rss.items()}
+    grown = {k: max(r - b for r, b in v) for k, v in keep_rss.items()}
+    report.add("load", f"load a {size / 2 ** 30:.2f} GiB checkpoint in a fresh process (imports "
+               "excluded)", t, baseline="hf torch", ours="ours",
+               checkpoint_bytes=size,
+               peak_rss_gib={k: round(v / 2 ** 30, 3) for k, v in rss.items()},
+               peak_rss_over_disk={k: round(v / size, 3) for k, v in rss.items()},
+               load_rss_growth_over_disk={k: round(v / size, 3) for k, v in grown.items()})
+
+
+def bench_forward(args, report):
+    import numpy as np
+
+    import plateau_jax as pj
+
+    model, directory = common.load(args, need_dir=args.baseline == "true")
+    cfg = model.config
     rng = np.random.default_rng(0)
-    tensors = {"transformer." + k: (rng.standard_normal(v.shape, np.float32) * 0.02)
-               for k, v in shapes.items()}
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
-    del tensors
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict(), f)
-    return os.path.getsize(os.path.join(directory, "model.safetensors"))
+    ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    sides = {"ours": lambda: pj.forward(model, ids)[0]}
+    if args.baseline == "true":
+        from benchmarks.torch_reference import load_hf
+
+        torch = harness.configure_torch(harness.torch_device())
+        ref = load_hf(directory, device=harness.torch_device())
+        tids = torch.tensor(ids, dtype=torch.long, device=harness.torch_device())
+
+        def hf():
+            with torch.no_grad():
+                return ref(tids).logits
+
+        sides = {"hf torch": hf, **sides}
+    keep = {}
+    t = harness.compare(sides, args.repeats, keep=keep)
+    extra = {"tokens_per_s": {k: args.batch * args.seq / v.median for k, v in t.items()}}
+    if "hf torch" in keep:
+        extra["max_abs_logit_diff"] = float(np.abs(np.asarray(keep["ours"])
+                                                   - keep["hf torch"].cpu().numpy()).max())
+    report.add("forward", f"logits of {args.batch} x {args.seq} tokens", t, baseline="hf torch",
+               ours="ours", **extra)
+    common.cleanup(directory, args)
 
 
-def bench_load(preset: str):
-    with tempfile.TemporaryDirectory() as d:
-        size = write_random_checkpoint(preset, d)
-        out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, d], check=True,
-                             capture_output=True, text=True).stdout.split()
-        seconds, rss = float(out[0]), int(out[1])
-    print(f"[load] {preset}: checkpoint {size / 2**30:.2f} GiB, load {seconds:.1f} s "
-          f"(incl. imports), peak RSS {rss / 2**30:.2f} GiB = {rss / size:.2f}x on-disk size "
-          f"(target < 1.5x)")
-
-
-def bench_forward(preset: str, batch: int, seq: int, repeats: int):
-    import jax
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    import plateau_jax
-    cfg = plateau_jax.GPT2Config.preset(preset)
-    model = plateau_jax.init_model(cfg, seed=0)
-    with tempfile.TemporaryDirectory() as d:
-        plateau_jax.save_gpt2(model, d)
-        ref = GPT2LMHeadModel.from_pretrained(d, attn_implementation="eager").eval()
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
-    tids = torch.tensor(ids, dtype=torch.long)
-
-    def ours():
-        return jax.block_until_ready(plateau_jax.forward(model, ids)[0])
-
-    def theirs():
-        with torch.no_grad():
-            return ref(tids).logits
-
-    diff = np.abs(np.asarray(ours()) - theirs().numpy()).max()
-    times = {}
-    for name, fn in (("plateau_jax", ours), ("hf_torch", theirs)):
-        fn()
-        best = min(_timed(fn) for _ in range(repeats))
-        times[name] = best
-        print(f"[forward] {name:12s} {preset} batch {batch} x {seq}: {best * 1e3:8.1f} ms "
-              f"({batch * seq / best:,.0f} tokens/s)")
-    print(f"[forward] speed-up plateau_jax / HF torch: {times['hf_torch'] / times['plateau_jax']:.2f}x "
-          f"(max |logit diff| {diff:.2e}; torch threads {torch.get_num_threads()})")
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def main(_):
-    if not FLAGS.skip_load:
-        bench_load(FLAGS.size)
-    bench_forward(FLAGS.fwd_size, FLAGS.batch, FLAGS.seq, FLAGS.repeats)
+def main(argv=None):
+    return harness.run_workloads("bench_model", build_parser(), _config,
+                                 {"load": bench_load, "forward": bench_forward}, argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -1,199 +1,139 @@
-"""Sweep throughput (issue: plateau statistics at scale).
+"""Sweep throughput: pairs/s of the sweep engine against the study's per-pair loop.
 
-1. Ours: pairs/s of :class:`plateau_jax.sweep.SweepEngine` on a GPT-2-small-sized random model,
-   50 steps, interpolation at layer 0 (resid_post), every downstream recording layer plus the
-   logits, exact MLP Jacobian Frobenius norms (Gram path) at every step, spline densities, KL,
-   and boundary refinement to 1e-3 (work the baseline does not do). Steady state: the first
-   (compiling) batch is timed separately.
-2. Baseline, the study's per-pair way, on the same weights in the same process: transformers'
-   PyTorch GPT2LMHeadModel with hooks, one alpha step at a time over the full sequence, and for
-   every step and downstream layer the MLP Jacobian by ``torch.func.jacrev`` (chunk 128) and its
-   Frobenius norm. Its cost per step is constant, so by default ``--baseline_steps`` of the 50
-   steps are timed and the per-pair time is extrapolated (``--baseline_steps=50`` times all).
-3. Scaling: ours with 1, 2, 4, 8 simulated CPU devices (``XLA_FLAGS=
-   --xla_force_host_platform_device_count=N``, one subprocess each), same batch. On a machine
-   with 2 cores the simulated devices share those cores, so this shows the sharding overhead, not
-   a speed-up. To fit 8 replicas in memory the scaling runs use ``--scaling_layers`` layers.
+* ours: :class:`plateau_jax.sweep.SweepEngine` on ``--pairs`` pairs per batch, ``--steps`` steps,
+  interpolation at layer 0 (resid_post), every later recording layer plus the logits, exact MLP
+  Jacobian Frobenius norms (Gram path) at every step, spline densities, KL, and boundary
+  refinement to ``--tol`` (work the baseline does not do). One batch per call; cold = the first
+  (compiling) batch.
+* study loop (PyTorch, :meth:`benchmarks.torch_reference.TorchGPT2.study_loop`): per pair, one
+  forward per alpha step with a hook, then for every later layer the MLP Jacobian by
+  ``torch.func.jacrev`` (chunk 128) and its norm. Timed on ``--baseline_steps`` of the steps and
+  scaled linearly to a pair.
+* ``--workloads=scaling``: ours with 1, 2, 4, 8 simulated CPU devices (one subprocess each,
+  ``--xla_force_host_platform_device_count``). On a 2-core machine the simulated devices share
+  the cores: this shows the sharding overhead, not a speed-up.
 
-Usage: python -m benchmarks.bench_sweep [--pairs=8 --batches=2 --ctx=8 --baseline_steps=5]
+    python benchmarks/bench_sweep.py                          # GPT-2 small size
+    python benchmarks/bench_sweep.py --n_layer=2 --pairs=2 --steps=8 --repeats=1
 """
 
-import json
+from __future__ import annotations
+
+import argparse
 import os
-import subprocess
 import sys
-import tempfile
-import time
 
-import numpy as np
-from absl import app, flags
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-flags.DEFINE_string("size", "gpt2", "Preset of the model (random weights).")
-flags.DEFINE_integer("pairs", 8, "Pairs per batch.")
-flags.DEFINE_integer("batches", 2, "Timed batches (after the compiling one).")
-flags.DEFINE_integer("ctx", 8, "Context length in tokens.")
-flags.DEFINE_integer("n_steps", 50, "Alpha steps.")
-flags.DEFINE_float("tol", 1e-3, "Refinement tolerance (0: off).")
-flags.DEFINE_integer("baseline_steps", 5, "Baseline alpha steps actually timed (of n_steps).")
-flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Simulated device counts for the scaling run.")
-flags.DEFINE_integer("scaling_layers", 4, "n_layer of the model in the scaling runs (0: full).")
-flags.DEFINE_bool("skip_baseline", False, "")
-flags.DEFINE_bool("skip_scaling", False, "")
-flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
-FLAGS = flags.FLAGS
+from benchmarks import common, harness  # noqa: E402
 
 
-def _inputs(cfg, n, ctx, seed=0):
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_flags(ap)
+    ap.add_argument("--pairs", type=int, default=8, help="pairs per batch")
+    ap.add_argument("--ctx", type=int, default=8, help="context length in tokens")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tol", type=float, default=1e-3, help="refinement tolerance (0: off)")
+    ap.add_argument("--workloads", default="sweep", help="sweep,scaling")
+    ap.add_argument("--baseline", default="true", choices=["true", "false"])
+    ap.add_argument("--baseline_steps", type=int, default=3,
+                    help="study loop: steps timed per pair, scaled (0: all)")
+    ap.add_argument("--devices", default="1,2,4,8", help="simulated device counts (scaling)")
+    ap.add_argument("--scaling_layers", type=int, default=4,
+                    help="n_layer of the model in the scaling runs (0: the preset's)")
+    harness.add_flags(ap)
+    return ap
+
+
+def _config(args) -> dict:
+    return {**common.model_config(args), "pairs": args.pairs, "ctx": args.ctx,
+            "steps": args.steps, "tol": args.tol, "baseline_steps": args.baseline_steps}
+
+
+def inputs(config, n: int, ctx: int, seed: int = 0):
+    import numpy as np
+
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.vocab_size, (n, ctx)).astype(np.int32)
-    toks = rng.integers(0, cfg.vocab_size, (n, 2)).astype(np.int32)
+    ids = rng.integers(0, config.vocab_size, (n, ctx)).astype(np.int32)
+    toks = rng.integers(0, config.vocab_size, (n, 2)).astype(np.int32)
     return ids, np.full(n, ctx, np.int32), toks[:, 0], toks[:, 1]
 
 
-def bench_ours(model, pairs, batches, ctx, n_steps, tol):
-    import jax
-
+def engine_batches(model, pairs: int, ctx: int, steps: int, tol: float):
+    """A function running one batch of ``pairs`` pairs (new inputs each call)."""
     from plateau_jax.sweep import SweepEngine, SweepSpec
-    spec = SweepSpec(layers=(0,), n_steps=n_steps, tol=tol)
-    eng = SweepEngine(model, spec)
-    ids, lengths, ta, tb = _inputs(model.config, pairs, ctx)
-    t = time.perf_counter()
-    eng.run(0, ids, lengths, ta, tb)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(batches):
-        ids, lengths, ta, tb = _inputs(model.config, pairs, ctx, seed=i + 1)
-        eng.run(0, ids, lengths, ta, tb)
-    dt = time.perf_counter() - t
-    return {"pairs_per_s": pairs * batches / dt, "first_batch_s": first,
-            "devices": jax.device_count(), "refine_rounds": spec.rounds}
+
+    eng = SweepEngine(model, SweepSpec(layers=(0,), n_steps=steps, tol=tol))
+    calls = [0]
+
+    def one_batch():
+        calls[0] += 1
+        return eng.run(0, *inputs(model.config, pairs, ctx, seed=calls[0]))
+
+    return one_batch
 
 
-def bench_baseline(ckpt_dir, cfg, ctx, n_steps, steps_timed):
-    """The study's way: per pair, per alpha step a full forward with a hook, then jacrev per layer."""
-    import torch
-    from transformers import GPT2LMHeadModel
+def bench_sweep(args, report):
+    model, directory = common.load(args, need_dir=args.baseline == "true")
+    sides = {"ours": engine_batches(model, args.pairs, args.ctx, args.steps, args.tol)}
+    scales = {"ours": 1.0 / args.pairs}
+    sampled = {"ours": f"per pair, batches of {args.pairs}"}
+    if args.baseline == "true":
+        from benchmarks.torch_reference import TorchGPT2, sample_steps
 
-    model = GPT2LMHeadModel.from_pretrained(ckpt_dir, attn_implementation="eager").eval()
-    blocks = model.transformer.h
-    L = 0
-    ids, _, ta, tb = _inputs(cfg, 1, ctx, seed=99)
-    seq = lambda t: torch.tensor(np.concatenate([ids[0], [t]])[None], dtype=torch.long)
-    out0 = lambda o: o[0] if isinstance(o, tuple) else o
-
-    def slerp(a, b, alpha):
-        na, nb = a.norm(), b.norm()
-        ah, bh = a / na, b / nb
-        th = torch.arccos(torch.clamp(ah @ bh, -1, 1))
-        return (torch.sin((1 - alpha) * th) * ah + torch.sin(alpha * th) * bh) / torch.sin(th) * (
-            (1 - alpha) * na + alpha * nb)
-
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ends = []
-        for tok in (ta[0], tb[0]):
-            cap = {}
-            h = blocks[L].register_forward_hook(lambda m, i, o: cap.__setitem__("x", out0(o)[0, -1].clone()))
-            model(seq(tok))
-            h.remove()
-            ends.append(cap["x"])
-    alphas = np.linspace(0, 1, n_steps)
-    jac_norms, rs = [], []
-    for k in range(steps_timed):
-        x = slerp(ends[0], ends[1], float(alphas[k]))
-        rec = {}
-
-        def patch(m, i, o):
-            hs = out0(o).clone()
-            hs[0, -1] = x
-            return (hs,) + tuple(o[1:]) if isinstance(o, tuple) else hs
-
-        hooks = [blocks[L].register_forward_hook(patch)]
-        for l in range(L + 1, cfg.n_layer):
-            hooks.append(blocks[l].ln_2.register_forward_pre_hook(
-                lambda m, i, l=l: rec.__setitem__(("mid", l), i[0][0, -1].clone())))
-            hooks.append(blocks[l].mlp.c_fc.register_forward_hook(
-                lambda m, i, o, l=l: rec.__setitem__(("pre", l), o[0, -1].clone())))
-            hooks.append(blocks[l].register_forward_hook(
-                lambda m, i, o, l=l: rec.__setitem__(("post", l), out0(o)[0, -1].clone())))
-        with torch.no_grad():
-            logits = model(seq(ta[0])).logits[0, -1]
-        for h in hooks:
-            h.remove()
-        norms = []
-        for l in range(L + 1, cfg.n_layer):
-            blk = blocks[l]
-            J = torch.func.jacrev(lambda hh: blk.mlp(blk.ln_2(hh)), chunk_size=128)(rec[("mid", l)])
-            norms.append(float(torch.linalg.norm(J)))
-        jac_norms.append(norms)
-        rs.append(logits)
-    dt = time.perf_counter() - t0
-    per_pair = dt * n_steps / steps_timed  # endpoints are ~2 steps' forward; counted once, scaled
-    return {"seconds_timed": dt, "steps_timed": steps_timed,
-            "pairs_per_s": 1.0 / per_pair, "extrapolated": steps_timed < n_steps,
-            "torch_threads": torch.get_num_threads()}
+        ids, _, ta, tb = inputs(model.config, 1, args.ctx, seed=99)
+        tm = TorchGPT2(directory, ids[0], device=harness.torch_device())
+        ks = sample_steps(args.steps, args.baseline_steps)
+        sides = {"study loop": lambda: tm.study_loop(int(ta[0]), int(tb[0]), 0, args.steps, ks),
+                 **sides}
+        scales["study loop"] = args.steps / len(ks)
+        if len(ks) < args.steps:
+            sampled["study loop"] = f"{len(ks)} of {args.steps} steps of one pair, scaled linearly"
+    t = harness.compare(sides, args.repeats, scales, sampled)
+    report.add("sweep", f"seconds per pair: layer 0, {args.steps} steps, every later layer, MLP "
+               f"Jacobian norms (ours also: spline densities, KL, refinement to {args.tol})", t,
+               baseline="study loop", ours="ours",
+               pairs_per_s={k: 1.0 / v.median for k, v in t.items()})
+    common.cleanup(directory, args)
 
 
 _CHILD = r"""
 import json, sys
-sys.path.insert(0, ".")
-import jax, plateau_jax as pj
-from benchmarks.bench_sweep import bench_ours
-cfg = pj.GPT2Config.preset(sys.argv[1], **({{"n_layer": int(sys.argv[2])}} if int(sys.argv[2]) else {{}}))
-m = pj.init_model(cfg, seed=0)
-print("RESULT", json.dumps(bench_ours(m, {pairs}, {batches}, {ctx}, {n_steps}, {tol})))
+sys.path.insert(0, {root!r})
+from benchmarks import bench_sweep, harness
+import plateau_jax as pj
+cfg = pj.ModelConfig.preset({size!r}, **({{"n_layer": {layers}}} if {layers} else {{}}))
+run = bench_sweep.engine_batches(pj.init_model(cfg, seed=0), {pairs}, {ctx}, {steps}, {tol})
+t = harness.compare({{"ours": run}}, {repeats})["ours"]
+import jax
+print("RESULT", json.dumps({{"pairs_per_s": {pairs} / t.median, "first_batch_s": t.cold,
+                            "devices": jax.device_count()}}))
 """
 
 
-def bench_scaling(devices, size, layers):
+def bench_scaling(args, report):
+    code = _CHILD.format(root=ROOT, size=args.size, layers=args.scaling_layers, pairs=args.pairs,
+                         ctx=args.ctx, steps=args.steps, tol=args.tol, repeats=args.repeats)
     out = {}
-    code = _CHILD.format(pairs=FLAGS.pairs, batches=FLAGS.batches, ctx=FLAGS.ctx,
-                         n_steps=FLAGS.n_steps, tol=FLAGS.tol)
-    for n in devices:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-                   JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
-        res = subprocess.run([sys.executable, "-c", code, size, str(layers)], env=env,
-                             capture_output=True, text=True)
-        line = [l for l in res.stdout.splitlines() if l.startswith("RESULT")]
-        out[int(n)] = json.loads(line[0][7:]) if line else {"error": res.stderr[-2000:]}
-        print(f"  {n} device(s): {out[int(n)]}", flush=True)
-    return out
+    for n in [int(v) for v in args.devices.split(",")]:
+        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        try:
+            out[n] = harness.child_result(code, env=env)
+        except RuntimeError as e:
+            out[n] = {"error": str(e)[-2000:]}
+    report.note("scaling", f"pairs/s on 1..8 simulated CPU devices sharing this machine's cores "
+                f"(n_layer={args.scaling_layers or 'preset'})", results=out)
+    for n, r in out.items():
+        print(f"[scaling] {n} device(s): {r}")
 
 
-def main(argv):
-    del argv
-    import plateau_jax as pj
-    from plateau_jax.model.loading import save_gpt2
-
-    cfg = pj.GPT2Config.preset(FLAGS.size)
-    model = pj.init_model(cfg, seed=0)
-    results = {"model": FLAGS.size, "pairs_per_batch": FLAGS.pairs, "ctx": FLAGS.ctx,
-               "n_steps": FLAGS.n_steps, "tol": FLAGS.tol}
-    print(f"ours ({FLAGS.size}, {FLAGS.n_steps} steps, layer 0, every recording layer, Jacobian "
-          f"norms, refinement tol {FLAGS.tol}) ...", flush=True)
-    results["ours"] = bench_ours(model, FLAGS.pairs, FLAGS.batches, FLAGS.ctx, FLAGS.n_steps,
-                                 FLAGS.tol)
-    print(f"  {results['ours']}", flush=True)
-    if not FLAGS.skip_baseline:
-        with tempfile.TemporaryDirectory() as d:
-            save_gpt2(model, d)
-            print(f"baseline (torch, per step, jacrev; {FLAGS.baseline_steps} of {FLAGS.n_steps} "
-                  "steps timed) ...", flush=True)
-            results["baseline"] = bench_baseline(d, cfg, FLAGS.ctx, FLAGS.n_steps,
-                                                 FLAGS.baseline_steps)
-        print(f"  {results['baseline']}", flush=True)
-        results["speedup"] = results["ours"]["pairs_per_s"] / results["baseline"]["pairs_per_s"]
-        print(f"speed-up ours / baseline: {results['speedup']:.1f}x", flush=True)
-    del model
-    if not FLAGS.skip_scaling:
-        print(f"scaling (n_layer={FLAGS.scaling_layers or cfg.n_layer}, simulated CPU devices "
-              "sharing this machine's cores) ...", flush=True)
-        results["scaling"] = bench_scaling(FLAGS.devices, FLAGS.size, FLAGS.scaling_layers)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(results, f, indent=2)
-    print(json.dumps(results, indent=2))
+def main(argv=None):
+    return harness.run_workloads("bench_sweep", build_parser(), _config,
+                                 {"sweep": bench_sweep, "scaling": bench_scaling}, argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

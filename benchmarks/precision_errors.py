@@ -27,23 +27,22 @@ from plateau_jax import testing  # noqa: E402
 
 
 def _torch_logits(directory, ids):
-    """Logits of transformers' PyTorch GPT-2 on the same weights, float32, TF32 off."""
+    """Logits of transformers' PyTorch GPT-2 on the same weights, float32, TF32 off
+    (:mod:`benchmarks.torch_reference`)."""
     try:
         import torch
-        from transformers import GPT2LMHeadModel
+
+        from benchmarks.torch_reference import load_hf
     except ImportError:
         return None
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager").eval().to(device)
+    hf = load_hf(directory, device=device)
     with torch.no_grad():
         return hf(torch.tensor(ids, device=device)).logits.float().cpu().numpy()
 
 
 def measure(model, ids, directory=None):
     """``{precision: {logits, r, mlp_fro}: max abs / relative errors}`` against "highest"."""
-    cfg = model.config
     cache = pj.run_prefix(model, ids[0, :-2])
     ends = pj.endpoint_activations(model, cache, ids[0, -2:], layers=[0])[0]
     x = pj.interpolate(ends[0], ends[1], pj.alpha_grid(50))

@@ -14,7 +14,9 @@ from plateau_jax.jacobians import sweep as jac
 from plateau_jax.jacobians import spectral
 
 sys.path.insert(0, os.path.dirname(__file__))
-from jac_helpers import TorchGPT2, path_inputs, shared_checkpoint, to_float64  # noqa: E402
+from jac_helpers import path_inputs, shared_checkpoint, to_float64  # noqa: E402
+
+from benchmarks.torch_reference import TorchGPT2  # noqa: E402
 
 N_STEPS = 4
 FULL = ("mlp", "attn", "layer", "cumulative", "product_mlp", "product_attn")

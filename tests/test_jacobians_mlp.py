@@ -35,6 +35,8 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
     auto = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="autodiff",
                               cumulative=False, full=("mlp",))
     grams = jac.mlp_grams_for(model)
+    # the first release's call, mlp_grams_for(model, layers), still gives every layer's stack
+    np.testing.assert_array_equal(jac.mlp_grams_for(model, [1, 2])["M"], grams["M"])
     gram = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
                               cumulative=False, grams=grams)
     inline = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",

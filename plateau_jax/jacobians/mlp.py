@@ -15,6 +15,10 @@ Write ``Wt = diag(w) W_in`` and ``Wc`` for ``Wt`` with its mean over the ``d`` r
 
     B := W_in^T L = (Wc^T - q y^T / d) / s                       [m, d]
     J = A diag(g) B,   A := W_out^T                             [d, m]
+      = (A diag(g / s)) Wc^T - (A (g o q)) y^T / (d s)
+
+so a batch of steps is one matrix product against the shared ``Wc^T`` plus a rank-1 update
+(:func:`mlp_jacobian`; docs/benchmarks.md counts its FLOPs against torch's jacrev).
 
 Exact Frobenius norm without forming J (``o`` = elementwise product)::
 
@@ -84,22 +88,43 @@ def _wc(block_params, config, dtype):
     return wt - jnp.mean(wt, axis=0, keepdims=True)
 
 
-def mlp_jacobian(block_params, config: ModelConfig, h: Array) -> Array:
+def jacobian_operands(block_params, config: ModelConfig, dtype=None) -> Dict[str, Array]:
+    """The input-independent operands of :func:`mlp_jacobian`, laid out for one big product.
+
+    ``w_out_t`` = ``W_out^T`` [d, m] and ``wc_t`` = ``Wc^T`` [m, d] (both contiguous), and
+    ``w_out`` [m, d]. Compute once per layer, outside any loop over steps, and pass as
+    ``operands=``: inside a loop XLA would otherwise fuse the transposes into every step's
+    elementwise scaling (strided reads, measured 3x slower than the scaling itself).
+    """
+    dtype = dtype or block_params["mlp"]["W_in"].dtype
+    w_out = block_params["mlp"]["W_out"].astype(dtype)  # [m, d]
+    return {"w_out": w_out, "w_out_t": w_out.T, "wc_t": _wc(block_params, config, dtype).T}
+
+
+def mlp_jacobian(block_params, config: ModelConfig, h: Array, operands=None) -> Array:
     """Closed-form ``d hook_mlp_out / d hook_resid_mid`` at ``h`` [..., d] -> [..., d, d].
 
-    ``block_params`` is ``model.block(layer)``. One [d, m] x [m, d] product per step.
+    ``block_params`` is ``model.block(layer)``; ``operands`` from :func:`jacobian_operands`
+    (computed here if None). With ``A = W_out^T`` and ``B = (Wc^T - q y^T / d) / s``::
+
+        J = A diag(g) B = (A diag(g / s)) Wc^T  -  (A (g o q)) y^T / (d s)
+
+    The first term is one product against the *shared* ``Wc^T``, so a batch of N steps is a
+    single ``[N d, m] x [m, d]`` matrix product (2 d^2 m FLOPs per step, the minimum for a dense
+    d x d result of this form; torch's jacrev does two such products per step); the LayerNorm
+    part is a rank-1 update.
     """
+    ops = operands if operands is not None else jacobian_operands(block_params, config, h.dtype)
     _, g, y, s = _pre_and_slope(block_params, config, h)
-    wc = _wc(block_params, config, h.dtype)
-    w_out = block_params["mlp"]["W_out"].astype(h.dtype)  # [m, d]
+    d, m = ops["w_out_t"].shape
+    lead = h.shape[:-1]
+    scaled = ops["w_out_t"] * (g / s)[..., None, :]  # [..., d, m] = W_out^T diag(g / s)
+    J = (scaled.reshape(-1, m) @ ops["wc_t"]).reshape(lead + (d, d))
     if config.ln_mode == "identity":
-        B = jnp.broadcast_to(wc.T, h.shape[:-1] + wc.T.shape)
-    else:
-        d = h.shape[-1]
-        q = y @ wc  # [..., m]
-        B = (wc.T - q[..., :, None] * y[..., None, :] / d) / s[..., None]  # [..., m, d]
-    A_g = w_out.T * g[..., None, :]  # [..., d, m]
-    return A_g @ B
+        return J
+    q = jnp.einsum("...d,md->...m", y, ops["wc_t"])  # Wc^T y
+    u = ((g * q) @ ops["w_out"]) / s  # W_out^T (g o q) / s   [..., d]
+    return J - u[..., :, None] * y[..., None, :] / d
 
 
 def mlp_grams(block_params, config: ModelConfig, dtype=None) -> Dict[str, Array]:
@@ -123,7 +148,9 @@ def mlp_frobenius_gram(block_params, config: ModelConfig, h: Array, grams=None) 
     grams = grams if grams is not None else mlp_grams(block_params, config, h.dtype)
     M = grams["M"].astype(h.dtype)
     _, g, y, s = _pre_and_slope(block_params, config, h)
-    sq = jnp.sum((g @ M) * g, axis=-1)
+    # g^T M g summed by a product with ones, not jnp.sum: XLA:CPU (jax 0.10) fuses a reduction
+    # together with the Gram products that feed it into one YNNPACK fusion that runs ~25x slower
+    sq = ((g @ M) * g) @ jnp.ones((M.shape[-1],), h.dtype)
     if config.ln_mode != "identity":
         d = h.shape[-1]
         wc = _wc(block_params, config, h.dtype)

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams, mlp_jacobian
+from plateau_jax.jacobians.mlp import (jacobian_operands, mlp_frobenius_gram, mlp_grams,
+                                       mlp_jacobian)
 from plateau_jax.model import core, layers
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.config import ModelConfig
@@ -258,13 +259,16 @@ def _sweep_impl(params, prefix: KVCache, x, entry, key, grams, config: ModelConf
             xin = inp["mid"] if fam == "mlp" else inp["pre"]
             dense = opts.needs_dense(fam)
             has_prod = fam in prod_fams
+            closed = dense and fam == "mlp" and opts.mlp_method != "autodiff"
+            # per layer, outside the loop over steps (see jacobian_operands)
+            ops = jacobian_operands(bp, config, x.dtype) if closed else None
 
-            def step(args, f=f, fam=fam, dense=dense, has_prod=has_prod):
+            def step(args, f=f, fam=fam, dense=dense, has_prod=has_prod, closed=closed, ops=ops):
                 xi, ki, Pi = args
                 res = {}
                 if dense:
-                    if fam == "mlp" and opts.mlp_method != "autodiff":
-                        J = mlp_jacobian(bp, config, xi)
+                    if closed:
+                        J = mlp_jacobian(bp, config, xi, ops)
                     else:
                         J = jax.jacfwd(f)(xi)
                     res.update({f"{fam}_{k}": v for k, v in reduce_dense(J, dstats, opts.top_k).items()
@@ -347,10 +351,17 @@ def _grams_jit(blocks, config, precision):
         return jax.lax.map(lambda bp: mlp_grams(bp, config), blocks)
 
 
-def mlp_grams_for(model: Model) -> Dict[str, Array]:
+def mlp_grams_for(model: Model, layers: Optional[Sequence[int]] = None) -> Dict[str, Array]:
     """Every layer's Gram matrix ``{"M": [L, m, m]}`` for ``mlp_method="gram"``; compute once,
     pass as ``grams=`` for every prompt pair (memory: L m^2 floats; without it each sweep
-    computes the matrices of the layers it needs inside the call)."""
+    computes the matrices of the layers it needs inside the call).
+
+    ``layers`` is accepted for the callers of the first release (which stacked only the layers
+    a sweep used) and checked, but every layer is computed: sweeps index the stack by layer.
+    """
+    if layers is not None:
+        for l in layers:
+            sites_lib.check_layer(int(l), model.config)
     return _grams_jit(model.params["blocks"], model.config, model.matmul_precision)
 
 
@@ -362,7 +373,7 @@ def sweep_layers(config: ModelConfig, layer: int, site: str = "resid_post") -> n
 def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "resid_post", *,
                    options: Optional[SweepOptions] = None, grams=None, seed: int = 0,
                    force: bool = False, max_full_bytes: Optional[int] = None,
-                   **option_kwargs) -> Dict[str, Array]:
+                   to_host: bool = True, **option_kwargs) -> Dict[str, Array]:
     """Jacobians for every step of a path and every later layer, in one jitted call.
 
     The entry layer is a runtime value: one compiled program serves every interpolation layer.
@@ -377,9 +388,12 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
         reusable across prompt pairs; computed inside the call when None.
       seed: randomness for power iteration / Hutchinson probes.
       force, max_full_bytes: see :func:`check_full_size`.
+      to_host: return numpy arrays (default). False keeps jax arrays on the device (no transfer;
+        e.g. to time the computation alone, or to reduce the matrices further on the device).
 
     Returns:
-      ``{name: numpy array}`` with the layer axis first (rows = :func:`sweep_layers`), steps second:
+      ``{name: numpy array}`` (jax arrays with ``to_host=False``) with the layer axis first
+      (rows = :func:`sweep_layers`), steps second:
       ``{fam}_fro``/``{fam}_spec`` ``[L, N]``, ``{fam}_topk`` ``[L, N, k]``,
       ``{fam}_fro_hutch``/``{fam}_fro_hutch_se`` ``[L, N]``, ``{fam}_full`` ``[L, N, d, d]`` for
       fam in families + "cumulative" + "product_mlp"/"product_attn" (cumulative and products:
@@ -407,4 +421,6 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
     entry = jnp.asarray(sites_lib.entry_index(layer, site, cfg), jnp.int32)
     out = _sweep_jit(model.params, prefix, x, entry, jax.random.PRNGKey(seed), grams, cfg, opts,
                      model.matmul_precision)
+    if not to_host:
+        return out if first == 0 else {k: v[first:] for k, v in out.items()}
     return {k: np.asarray(v)[first:] for k, v in out.items()}  # host arrays: no per-layer slice programs
