@@ -41,7 +41,8 @@ class SweepSpec:
 
     layers: interpolation layers L (``blocks.L.hook_resid_post``); n_steps: alpha grid
     ``linspace(0, 1, n_steps)``; path: "slerp" or "linear"; component: per-layer vector whose
-    relative distance is measured; tol: refinement tolerance on alpha (0 = off).
+    relative distance is measured; tol: refinement tolerance on alpha (0 = off);
+    sharpness_width: the alpha-width w of the refined sharpness (:mod:`.stats`), >= 2 tol.
     """
 
     layers: Tuple[int, ...] = (0,)
@@ -49,6 +50,7 @@ class SweepSpec:
     path: str = "slerp"
     component: str = "resid_post"
     tol: float = 1e-3
+    sharpness_width: float = 0.02
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
@@ -56,6 +58,18 @@ class SweepSpec:
         if self.path not in paths_lib.PATHS:
             raise ValueError(f"path {self.path!r}: expected one of {paths_lib.PATHS}.")
         paths_lib.alpha_grid(self.n_steps)
+        if not self.layers or any(int(l) < 0 for l in self.layers):
+            raise ValueError(f"layers {list(self.layers)}: expected layer numbers >= 0.")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {list(self.layers)}: a layer is given twice.")
+        if not (self.tol >= 0 and np.isfinite(self.tol)):
+            raise ValueError(f"tol={self.tol}: expected a number >= 0 (0 = no refinement).")
+        if not 0 < self.sharpness_width <= 1:
+            raise ValueError(f"sharpness_width={self.sharpness_width}: expected 0 < w <= 1.")
+        if self.tol > self.sharpness_width / 2:
+            raise ValueError(f"tol={self.tol} must be at most sharpness_width/2 = "
+                             f"{self.sharpness_width / 2:g}: the refined boundary has to be located "
+                             "well within the width its sharpness is measured over.")
 
     @property
     def alpha(self) -> np.ndarray:
@@ -90,16 +104,18 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, *, config, layer, spec: Sw
     sites = tuple(sorted(set(ysites + pres + mids)))
 
     def run(alphas):
+        # Stable float32 slerp (NaN for antiparallel endpoints: the pair is reported as failed).
         x = paths_lib.interpolate(a, b, alphas, spec.path).astype(dtype)  # [N, d]
         return _continue_impl(params, prefix, x, {}, config, layer, "resid_post", sites, ())
 
     logits, rec = run(alpha)
     logits = logits.astype(jnp.float32)
     f32 = lambda s: rec[s].astype(jnp.float32)
-    r_list, step_list = [], []
+    r_list, d_list, step_list = [], [], []
     if layers:
         Y = jnp.stack([f32(s) for s in ysites])  # [nl, n, X]
         r_list.append(stats.rel_distance(Y))
+        d_list.append(stats.dist_curve(Y))
         step_list.append(stats.step_norms(Y))
         mid = jnp.stack([f32(s) for s in mids])  # [nl, n, d]
         jac = jnp.stack([mlp_frobenius_gram(params["h"][str(l)], config, mid[i],
@@ -110,36 +126,56 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, *, config, layer, spec: Sw
         n = alpha.size
         jac, ham, mid_step = (jnp.zeros((0, n)), jnp.zeros((0, n - 1)), jnp.zeros((0, n - 1)))
     r_list.append(stats.rel_distance(logits)[None])
+    d_list.append(stats.dist_curve(logits)[None])
     step_list.append(stats.step_norms(logits)[None])
     r = jnp.concatenate(r_list)  # [T, n]
     lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V]
-    out = dict(r=r, step=jnp.concatenate(step_list), jac=jac.astype(jnp.float32), hamming=ham,
-               mid_step=mid_step, kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
-               kl_next=stats.kl_logp(lp[:-1], lp[1:]))
+    out = dict(r=r, dist=jnp.concatenate(d_list), step=jnp.concatenate(step_list),
+               jac=jac.astype(jnp.float32), hamming=ham, mid_step=mid_step,
+               kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
+               kl_next=stats.kl_logp(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
 
-    # Refinement: one extra row per target per round (row t serves target t).
+    # Extra rows: row i serves target tgt[i] (layers in order, then the logits).
     T = r.shape[0]
-    kstar, br = refine.steepest_step(r, alpha)
-    br = br._replace(aux_lo=lp[kstar], aux_hi=lp[kstar + 1])
+    nl = len(layers)
     if layers:
         y0, y1 = Y[:, 0], Y[:, -1]
-    idx = jnp.arange(len(layers))
 
-    def eval_fn(m):
-        lg, rc = run(m)  # [T, V], {site: [T, X]}
+    def measure(m, tgt):
+        """r, d and log-probabilities at alphas ``m`` [R], row i measured on target tgt[i]."""
+        lg, rc = run(m)  # [R, V], {site: [R, X]}
         lg = lg.astype(jnp.float32)
-        r_m = [stats.rel_distance_to(lg[-1], logits[0], logits[-1])[None]]
+        r_m = stats.rel_distance_to(lg, logits[0], logits[-1])
+        d_m = stats.dist_to(lg, logits[0], logits[-1])
         if layers:
-            Ym = jnp.stack([rc[s].astype(jnp.float32) for s in ysites])  # [nl, T, X]
-            r_m.insert(0, stats.rel_distance_to(Ym[idx, idx], y0, y1))
-        return jnp.concatenate(r_m), jax.nn.log_softmax(lg, axis=-1)
+            t = jnp.clip(tgt, 0, nl - 1)
+            Ym = jnp.stack([rc[s].astype(jnp.float32) for s in ysites])  # [nl, R, X]
+            sel = Ym[t, jnp.arange(m.shape[0])]  # [R, X]
+            r_m = jnp.where(tgt < nl, stats.rel_distance_to(sel, y0[t], y1[t]), r_m)
+            d_m = jnp.where(tgt < nl, stats.dist_to(sel, y0[t], y1[t]), d_m)
+        return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
+
+    targets = jnp.arange(T)
+    kstar, br = refine.steepest_step(r, alpha)
+    br = br._replace(aux_lo=lp[kstar], aux_hi=lp[kstar + 1])
+
+    def eval_fn(m):  # one extra row per target per round
+        r_m, _, lp_m = measure(m, targets)
+        return r_m, lp_m
 
     br = refine.refine_boundary(eval_fn, br, spec.rounds)
     out.update(kstar=kstar.astype(jnp.int32), ref_lo=br.lo, ref_hi=br.hi, ref_r_lo=br.r_lo,
                ref_r_hi=br.r_hi, ref_kl=stats.kl_logp(br.aux_lo, br.aux_hi))
+    # The fixed-width window around the refined boundary: both ends evaluated exactly.
+    lo, hi = refine.window(br, spec.sharpness_width)
+    r_w, d_w, _ = measure(jnp.concatenate([lo, hi]), jnp.concatenate([targets, targets]))
+    out.update(win_lo=lo, win_hi=hi, win_r_lo=r_w[:T], win_r_hi=r_w[T:], win_d_lo=d_w[:T],
+               win_d_hi=d_w[T:])
+    # NaN-tolerant curves (r and d are NaN where a target does not move) are left out.
+    skip = ("r", "dist", "kstar", "ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo",
+            "win_d_hi")
     out["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for k, v in out.items()
-                                       if k not in ("r", "kstar", "ref_r_lo", "ref_r_hi")]
-                                      + [jnp.all(jnp.isfinite(logits))]))
+                                       if k not in skip] + [jnp.all(jnp.isfinite(logits))]))
     return out
 
 
