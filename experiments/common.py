@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -145,7 +146,11 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())} (see --helpfull)\n")
+        text = " ".join(str(e).split())
+        required = re.search(r"Flag --(\w+) must have a value other than None", text)
+        if required:
+            text = f"--{required.group(1)} is required"
+        sys.stderr.write(f"error: {text} (see --helpfull)\n")
         sys.exit(1)
 
 
