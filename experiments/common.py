@@ -219,6 +219,35 @@ def peek_n_layer(model: str) -> Optional[int]:
         return None
 
 
+def check_layer_early(check: Callable[[int], object]) -> None:
+    """``--layer`` >= 0, and ``check(n_layer)`` when the depth can be read without loading the
+    model (:func:`peek_n_layer`)."""
+    if FLAGS.layer < 0:
+        raise InputError(f"--layer={FLAGS.layer}: expected a layer number >= 0.")
+    n_layer = peek_n_layer(FLAGS.model)
+    if n_layer is not None:
+        check(n_layer)
+
+
+def load_model_and_prompts(pub: files.Publication, pair_specs, check: Callable = None):
+    """Loads the model, runs ``check(model)`` and encodes ``--context`` with each of
+    ``pair_specs``; returns ``(model, pairs, check's result)``. Releases ``pub`` (its lock) if
+    anything fails, so the refusal leaves nothing behind."""
+    from plateau_jax.plateaus import prompts
+
+    try:
+        model = load_model_from_flags()
+        checked = check(model) if check is not None else None
+        if model.tokenizer is None:
+            raise InputError(f"{FLAGS.model} has no tokenizer files; the prompts need one.")
+        pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, pair_specs,
+                                     model.config.n_positions)
+    except BaseException:
+        pub.release()
+        raise
+    return model, pairs, checked
+
+
 # ----------------------------------------------------------------------------- output
 
 def open_publication(name: str, module_name: str) -> files.Publication:

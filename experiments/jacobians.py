@@ -215,24 +215,16 @@ def main(argv):
     # Everything that can be checked without the model, before loading it.
     opts = options_from_flags()
     pair_specs = prompts.parse_pairs(FLAGS.pairs)
-    if FLAGS.layer < 0:
-        raise InputError(f"--layer={FLAGS.layer}: expected a layer number >= 0.")
-    n_layer = common.peek_n_layer(FLAGS.model)
-    if n_layer is not None:
-        check_layer(n_layer)
-    pub = common.open_publication("jacobians", __name__)
-    try:
-        model = common.load_model_from_flags()
-        cfg = model.config
-        check_layer(cfg.n_layer)
-        jacobians.check_full_size(cfg, FLAGS.steps, FLAGS.layer, FLAGS.site, opts.full,
+    common.check_layer_early(check_layer)
+
+    def check_model(model):
+        check_layer(model.config.n_layer)
+        jacobians.check_full_size(model.config, FLAGS.steps, FLAGS.layer, FLAGS.site, opts.full,
                                   np.dtype(model.dtype).itemsize, force=FLAGS.force_full)
-        if model.tokenizer is None:
-            raise InputError(f"{FLAGS.model} has no tokenizer files; the prompts need one.")
-        pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, pair_specs, cfg.n_positions)
-    except BaseException:
-        pub.release()
-        raise
+
+    pub = common.open_publication("jacobians", __name__)
+    model, pairs, _ = common.load_model_and_prompts(pub, pair_specs, check_model)
+    cfg = model.config
     with pub.staging() as stage:
         prefix, ends = pair_endpoints(model, pairs)
         grams = None

@@ -231,24 +231,11 @@ def main(argv):
     # Everything that can be checked without the model, before loading it.
     alpha = parse_alpha()
     pair_specs = prompts.parse_pairs(FLAGS.pairs)
-    if FLAGS.layer < 0:
-        raise InputError(f"--layer={FLAGS.layer}: expected a layer number >= 0.")
-    n_layer = common.peek_n_layer(FLAGS.model)
-    if n_layer is not None:
-        check_layer_flags(n_layer)
-    else:
-        parse_distances(1, FLAGS.site)
+    parse_distances(1, FLAGS.site)
+    common.check_layer_early(check_layer_flags)
     pub = common.open_publication("plateaus", __name__)
-    try:
-        model = common.load_model_from_flags()
-        interp_layers, freeze_layers, distances = check_layer_flags(model.config.n_layer)
-        if model.tokenizer is None:
-            raise InputError(f"{FLAGS.model} has no tokenizer files; the prompts need one.")
-        pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, pair_specs,
-                                     model.config.n_positions)
-    except BaseException:
-        pub.release()
-        raise
+    model, pairs, (interp_layers, freeze_layers, distances) = common.load_model_and_prompts(
+        pub, pair_specs, lambda m: check_layer_flags(m.config.n_layer))
     with pub.staging() as stage:
         res = run_study(model, pairs, alpha, layer=FLAGS.layer, interp_layers=interp_layers,
                         site=FLAGS.site, path=FLAGS.path, freeze_mode=FLAGS.freeze_mode,
