@@ -130,8 +130,9 @@ def cli(main: Callable) -> Callable:
             return main(argv)
         except KeyboardInterrupt:
             logging.debug("interrupted", exc_info=True)
-            sys.stderr.write("error: interrupted; nothing new was published (the previous "
-                             "complete run, if any, is unchanged).\n")
+            sys.stderr.write("error: interrupted; published outputs are only ever replaced "
+                             "whole: each is the previous complete run, or this one if it had "
+                             "already been published.\n")
             raise SystemExit(130)
         except USER_ERRORS as e:
             logging.debug("failed", exc_info=True)

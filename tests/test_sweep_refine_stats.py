@@ -183,16 +183,28 @@ def test_summary_against_numpy():
                                np.mean(np.abs(ja - table["alpha_grid"][ml]) <= step))
 
 
+_JITTED = {}
+
+
 def _refined_window_slope(f, n_steps, tol, width):
     """S_ref as the engine computes it: steepest grid step, bisection to tol, then the slope of
-    f over the width-w window around the refined boundary; also the old bracket slope."""
+    f over the width-w window around the refined boundary; also the old bracket slope and the
+    refined boundary. (One jitted program per f, rounds and width.)"""
     alpha = np.linspace(0, 1, n_steps)
-    r = jax.vmap(f)(jnp.asarray(alpha)[:, None]).T
-    _, br = refine.steepest_step(r, alpha)
-    br = refine.refine_boundary(lambda m: (f(m), None), br, refine.n_rounds(alpha, tol))
-    lo, hi = refine.window(br, width)
-    s_w = (np.asarray(f(hi), np.float64) - np.asarray(f(lo), np.float64)) / np.asarray(hi - lo, np.float64)
-    return s_w, np.asarray(refine.refined_values(br)[1]), np.asarray(0.5 * (br.lo + br.hi))
+    rounds = refine.n_rounds(alpha, tol)
+
+    def run(alpha):
+        r = jax.vmap(f)(alpha[:, None]).T
+        _, br = refine.steepest_step(r, alpha)
+        br = refine.refine_boundary(lambda m: (f(m), None), br, rounds)
+        lo, hi = refine.window(br, width)
+        return f(lo), f(hi), lo, hi, refine.refined_values(br)[1], 0.5 * (br.lo + br.hi)
+
+    if (f, rounds, width) not in _JITTED:
+        _JITTED[f, rounds, width] = jax.jit(run)
+    r_lo, r_hi, lo, hi, old, a_ref = (np.asarray(v, np.float64) for v in
+                                      _JITTED[f, rounds, width](jnp.asarray(alpha, jnp.float32)))
+    return (r_hi - r_lo) / (hi - lo), old, a_ref
 
 
 def _transitions(b0, s):
