@@ -55,6 +55,7 @@ def define_flags():
     flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
     flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
     common.define_overwrite_flag()
+    common.define_runtime_flags()
 
 
 # ----------------------------------------------------------------------------- metric helpers
@@ -71,7 +72,7 @@ def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
     from plateau_jax.jacobians.mlp import mlp_frobenius_gram
     if "f" not in _JITTED:
         _JITTED["f"] = jax.jit(mlp_frobenius_gram, static_argnums=(1,))
-    blk = model.params["h"][str(layer)]
+    blk = model.block(layer)
     return np.asarray(_JITTED["f"](blk, model.config, jnp.asarray(resid_mid, model.dtype)))
 
 
@@ -81,7 +82,7 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
     import plateau_jax
     from plateau_jax.plateaus import paths
-    from plateau_jax.model.sites import site
+    from plateau_jax.model.sites import site_name as site
 
     cfg = model.config
     ids = np.stack([np.append(pair.context_ids, pair.token_a),
@@ -144,7 +145,7 @@ def _quartiles(v):
 
 
 def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp",
-        heldout_loss=None) -> dict:
+        heldout_loss=None, precision: str = "highest") -> dict:
     """Analyses every (step, directory) checkpoint; returns {"checkpoints": [...], "summary": [...]}."""
     import plateau_jax
     from plateau_jax import files
@@ -155,7 +156,7 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
     pairs_raw = prompts.parse_pairs(pair_spec)
     results, summary = [], []
     for step, directory in files.progress(checkpoints, "checkpoints"):
-        model = plateau_jax.load_gpt2(directory)
+        model = plateau_jax.load_model(directory, matmul_precision=precision)
         pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
                  for c in contexts for a, b in pairs_raw]
         per_pair = [analyse_pair(model, p, layer, alpha, path) for p in pairs]
@@ -276,12 +277,13 @@ def main(argv):
                     heldout[rec["step"]] = rec[k]
     from plateau_jax import files
 
-    config = {f: getattr(FLAGS, f) for f in
-              ("run_dir", "checkpoints", "contexts", "pairs", "layer", "n_steps", "path")}
+    config = {f: getattr(FLAGS, f) for f in ("run_dir", "checkpoints", "contexts", "pairs",
+                                             "layer", "n_steps", "path", "matmul_precision")}
     pub = files.Publication(FLAGS.output_dir, "emergence", config, overwrite=FLAGS.overwrite)
     with pub.staging() as stage:
+        common.apply_runtime_flags()
         res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path,
-                  heldout)
+                  heldout, FLAGS.matmul_precision)
         n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
         res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
         files.atomic_write_json(os.path.join(stage, "results.json"), res)

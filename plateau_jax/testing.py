@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from plateau_jax.model.config import GPT2Config
-from plateau_jax.model.model import GPT2, init_model
+from plateau_jax.model.config import ModelConfig
+from plateau_jax.model.model import Model, init_model
 
 # Enough text that the study's endings (" big", " in", " large", ...) become single tokens.
 _WORDS = ("The house was big . The house was in the city . The house was large and old . "
@@ -38,13 +38,13 @@ def make_tokenizer(directory: str, vocab_size: int = 400):
 
 def tiny_config(**overrides) -> GPT2Config:
     """A 3-layer, d_model 32 config sized for the tiny tokenizer (vocab 400)."""
-    kw = dict(vocab_size=400, n_positions=64, n_embd=32, n_layer=3, n_head=4, n_inner=48)
+    kw = dict(vocab_size=400, n_positions=64, d_model=32, n_layer=3, n_head=4, d_mlp=48)
     kw.update(overrides)
-    return GPT2Config(**kw)
+    return ModelConfig.gpt2(**kw)
 
 
-def make_checkpoint(directory: str, config: Optional[GPT2Config] = None, seed: int = 0,
-                    tokenizer=None, scale: float = 1.0) -> GPT2:
+def make_checkpoint(directory: str, config: Optional[ModelConfig] = None, seed: int = 0,
+                    tokenizer=None, scale: float = 1.0) -> Model:
     """Writes a random-weight checkpoint (config.json, model.safetensors, tokenizer files).
 
     ``scale`` multiplies every weight matrix's init (larger values give sharper, more
@@ -52,7 +52,7 @@ def make_checkpoint(directory: str, config: Optional[GPT2Config] = None, seed: i
     """
     import jax
 
-    from plateau_jax.model.loading import save_gpt2
+    from plateau_jax.model.loading import save_model
 
     config = config or tiny_config()
     if tokenizer is None:
@@ -60,7 +60,6 @@ def make_checkpoint(directory: str, config: Optional[GPT2Config] = None, seed: i
     model = init_model(config, seed=seed, tokenizer=tokenizer)
     if scale != 1.0:
         model = model.replace(params=jax.tree_util.tree_map_with_path(
-            lambda path, a: a * scale if getattr(path[-1], "key", "") == "weight" and a.ndim == 2
-            else a, model.params))
-    save_gpt2(model, directory)
+            lambda path, a: a * scale if path[-1].key.startswith("W_") else a, model.params))
+    save_model(model, directory)
     return model

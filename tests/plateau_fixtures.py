@@ -22,11 +22,11 @@ def _random_params(config, seed: int, scale: float):
     def draw(path, leaf):
         keys = [getattr(p, "key", "") for p in path]
         if any(k.startswith("ln") for k in keys):  # LayerNorms: near 1 (weight) / 0 (bias)
-            base = 1.0 if keys[-1] == "weight" else 0.0
+            base = 1.0 if keys[-1] == "w" else 0.0
             return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
         return (0.02 * scale * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(draw, plateau_jax.abstract_params(config))
+    return jax.tree_util.tree_map_with_path(draw, plateau_jax.model.params.abstract_params(config))
 
 
 @functools.lru_cache(maxsize=None)

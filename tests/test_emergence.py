@@ -14,14 +14,13 @@ def test_mlp_jacobian_norms_match_finite_differences():
     model = plateau_jax.init_model(testing.tiny_config(), seed=1)
     x = np.random.default_rng(0).normal(size=(3, model.config.n_embd)).astype(np.float32)
     norms = emergence.mlp_jacobian_norms(model, 1, x)
-    blk = model.params["h"]["1"]
+    blk = model.block(1)
     import jax
     import jax.numpy as jnp
-    from plateau_jax.model.modules import MLP, Hooks, LayerNorm
+    from plateau_jax.model.layers import mlp_part
 
     def mlp_out(v):
-        h = LayerNorm(model.config.layer_norm_epsilon).apply({"params": blk["ln_2"]}, v)
-        return MLP(model.config).apply({"params": blk["mlp"]}, h[None, None], Hooks(), "")[0, 0]
+        return mlp_part(blk, v[None, None], model.config)[0, 0]
 
     eps = 1e-2
     eye = jnp.eye(model.config.n_embd, dtype=jnp.float32)

@@ -151,12 +151,15 @@ def test_unwritable_output_dir(tmp_path):
 def test_nan_stops_the_run_naming_step_and_layer(tmp_path):
     model = tiny_model()
     params = jax.tree_util.tree_map(lambda a: a, model.params)
-    params["h"]["1"]["mlp"]["c_fc"]["bias"] = params["h"]["1"]["mlp"]["c_fc"]["bias"].at[0].set(np.nan)
+    # finite float16 weights whose layer-1 MLP output overflows float16
+    params["blocks"]["mlp"]["b_in"] = params["blocks"]["mlp"]["b_in"].at[1, 0].set(6e4)
+    params["blocks"]["mlp"]["W_out"] = params["blocks"]["mlp"]["W_out"].at[1, 0].set(10.0)
     bad_dir = tmp_path / "nan-model"
     plateau_jax.save_gpt2(model.replace(params=params), str(bad_dir))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        _run(f"--model={bad_dir}", f"--output_dir={out}", "--steps=4", "--interp_layers=0")
+        _run(f"--model={bad_dir}", f"--output_dir={out}", "--steps=4", "--interp_layers=0",
+             "--dtype=float16")
     assert "NaN/Inf at step 0" in str(e.value.code) and "layer 1" in str(e.value.code)
     assert not (out / "plateaus").exists()
 
@@ -233,9 +236,9 @@ def test_float16_overflow_is_named_and_float32_suggested(tmp_path):
     """Issue 10, defect 9: endpoints that overflow float16 are not blamed on the path."""
     model = tiny_model()
     params = jax.tree_util.tree_map(lambda a: a, model.params)
-    w = params["h"]["0"]["mlp"]["c_proj"]["weight"]
-    params["h"]["0"]["mlp"]["c_proj"]["weight"] = np.sign(w) * 6e4  # finite in float16, but
-    # layer 0's mlp_out sums 48 such terms: |resid_post| >> 65504
+    w = np.array(params["blocks"]["mlp"]["W_out"])
+    w[0] = np.sign(w[0]) * 6e4  # finite in float16, but layer 0's mlp_out sums 48 such terms:
+    params["blocks"]["mlp"]["W_out"] = w  # |resid_post| >> 65504
     big = model.replace(params=params)
     prefix = plateau_jax.run_prefix(big, big.to_tokens("The house was"))
     toks = [int(big.to_tokens("The house was big")[-1]), int(big.to_tokens("The house was in")[-1])]

@@ -7,7 +7,7 @@ import pytest
 
 import plateau_jax
 from plateau_jax import UnknownSiteError, site
-from plateau_jax.model.forward import _continue_impl
+from plateau_jax.model import core
 from conftest import random_ids
 
 LAYERS = 3
@@ -85,9 +85,8 @@ def test_continuation_cost_does_not_grow_with_context_beyond_attention(model):
     costs = {}
     for T in (4, 60):
         prefix = plateau_jax.run_prefix(model, np.zeros(T, np.int32))
-        x = jnp.zeros((8, cfg.n_embd))
-        fn = lambda p, x: _continue_impl(
-            model.params, p, x, {}, cfg, 0, "resid_pre", (), ())
+        x = jnp.zeros((1, 8, cfg.n_embd))
+        fn = lambda p, x: core.continue_from(model.params, cfg, p, x, 0)
         costs[T] = jax.jit(fn).lower(prefix, x).compile().cost_analysis()["flops"]
     per_row_growth = (costs[60] - costs[4]) / 8
     attention_read = cfg.n_layer * 2 * 2 * cfg.n_embd * (60 - 4)  # qk and pv, 2 flops per MAC
@@ -113,8 +112,9 @@ def test_freezing_to_clean_values_reproduces_clean_run(model, ids):
 def test_identity_block_equals_skipping_it(model, ids):
     p = model.params
     # reference: a 2-layer model built from blocks 0 and 2 only
-    short_cfg = plateau_jax.GPT2Config(**{**model.config.__dict__, "n_layer": LAYERS - 1})
-    short = plateau_jax.GPT2(params={**p, "h": {"0": p["h"]["0"], "1": p["h"]["2"]}}, config=short_cfg)
+    short_cfg = model.config.replace(n_layer=LAYERS - 1)
+    blocks = jax.tree_util.tree_map(lambda a: a[np.array([0, 2])], p["blocks"])
+    short = plateau_jax.Model(params={**p, "blocks": blocks}, config=short_cfg)
     want, _ = plateau_jax.forward(short, ids)
     got, rec = plateau_jax.forward(model, ids, swaps={"blocks.1": plateau_jax.IDENTITY},
                                    sites=["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
@@ -127,16 +127,18 @@ def test_identity_block_equals_skipping_it(model, ids):
 
 def test_swapped_block_params_and_continuation_with_swaps(model, ids):
     p = model.params
-    swapped = model.replace(params=plateau_jax.replace_block(p, 2, p["h"]["0"]))
-    # reference: run block 0's function by hand at position of block 2
+    swapped = model.with_block(2, model.block(0))
+    # reference: block 0 applied to block 2's input is what block 0 does to block 0's input
     _, c = plateau_jax.forward(model, ids, sites=["blocks.2.hook_resid_pre"])
-    hooks = plateau_jax.Hooks()
-    by_hand, _ = plateau_jax.run_block(p, model.config, 0, c["blocks.2.hook_resid_pre"], hooks)
+    zero_in = plateau_jax.forward(model, ids, patches={"hook_embed": c["blocks.2.hook_resid_pre"]
+                                                       - model.params["pos_embed"]["W_pos"][:7]},
+                                  sites=["blocks.0.hook_resid_post"])[1]["blocks.0.hook_resid_post"]
     _, got = plateau_jax.forward(swapped, ids, sites=["blocks.2.hook_resid_post"])
-    np.testing.assert_allclose(got["blocks.2.hook_resid_post"], by_hand, atol=1e-5)
-    assert model.params["h"]["2"] is p["h"]["2"]  # original tree untouched
-    with pytest.raises(ValueError, match="structure"):
-        plateau_jax.replace_block(p, 1, {"ln_1": p["h"]["0"]["ln_1"]})
+    np.testing.assert_allclose(got["blocks.2.hook_resid_post"], zero_in, atol=1e-5)
+    assert np.array_equal(model.params["blocks"]["mlp"]["W_in"], p["blocks"]["mlp"]["W_in"])
+    assert not np.array_equal(swapped.params["blocks"]["mlp"]["W_in"][2], p["blocks"]["mlp"]["W_in"][2])
+    with pytest.raises(ValueError, match="do not match a block"):
+        plateau_jax.replace_block(p, 1, {"ln1": model.block(0)["ln1"]})
     # swaps apply in the continuation exactly as in the full forward
     swaps = {"blocks.1": lambda x: 0.5 * x}
     full, _ = plateau_jax.forward(model, ids, swaps=swaps)
@@ -198,9 +200,9 @@ def test_bad_inputs(model, ids):
         plateau_jax.continue_from(model, prefix, x, 1, sites=["blocks.0.hook_mlp_out"])
     with pytest.raises(ValueError, match="shape"):
         plateau_jax.continue_from(model, prefix, x[:, :3], 0)
-    with pytest.raises(ValueError, match="patches .* not computed"):  # upstream of the entry
+    with pytest.raises(ValueError, match="patch .* not computed"):  # upstream of the entry
         plateau_jax.continue_from(model, prefix, x, 1, patches={"blocks.0.hook_mlp_out": x})
-    with pytest.raises(ValueError, match="patches .* not computed"):  # inside a swapped block
+    with pytest.raises(ValueError, match="patch .* not computed"):  # inside a swapped block
         plateau_jax.forward(model, ids, swaps={"blocks.1": plateau_jax.IDENTITY},
                             patches={"blocks.1.hook_mlp_out": x[:1]})
     for bad in ([0], [7], [3, 3]):

@@ -13,6 +13,7 @@ import plateau_jax as pj
 from plateau_jax.jacobians import sweep as jac
 from plateau_jax import testing
 from plateau_jax.jacobians import mlp as mlp_jacobian
+from plateau_jax.model.layers import mlp_part
 
 sys.path.insert(0, os.path.dirname(__file__))
 from jac_helpers import path_inputs, shared_checkpoint  # noqa: E402
@@ -33,7 +34,7 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
     prefix, x, _ = path_inputs(model, n_steps=N_STEPS)
     auto = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="autodiff",
                               cumulative=False, full=("mlp",))
-    grams = jac.mlp_grams_for(model, range(1, cfg.n_layer))
+    grams = jac.mlp_grams_for(model)
     gram = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
                               cumulative=False, grams=grams)
     inline = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
@@ -45,7 +46,7 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
     fast = jax.jit(lambda bp, h: (mlp_jacobian.mlp_jacobian(bp, cfg, h),
                                   mlp_jacobian.mlp_frobenius_gram(bp, cfg, h)))  # grams inline
     for row, l in enumerate((1, 2)):
-        closed, inline = fast(model.params["h"][str(l)], rec[pj.site(l, "resid_mid")])
+        closed, inline = fast(model.block(l), rec[pj.site(l, "resid_mid")])
         e = _rel(closed, auto["mlp_full"][row])
         assert e < 1e-5
         worst[0] = max(worst[0], e)
@@ -58,18 +59,17 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
 
 def test_gram_frobenius_at_larger_width():
     """d=256, m=1024, non-trivial LayerNorm weights, off-centre inputs: float32 stays < 1e-4."""
-    cfg = testing.tiny_config(n_embd=256, n_inner=1024, n_head=4, n_layer=1)
+    cfg = testing.tiny_config(d_model=256, d_mlp=1024, n_head=4, n_layer=1)
     k = jax.random.split(jax.random.PRNGKey(0), 6)
-    bp = {"ln_2": {"weight": 0.5 + jax.random.uniform(k[0], (256,)),
-                   "bias": 0.1 * jax.random.normal(k[1], (256,))},
-          "mlp": {"c_fc": {"weight": 0.05 * jax.random.normal(k[2], (256, 1024)),
-                           "bias": 0.1 * jax.random.normal(k[3], (1024,))},
-                  "c_proj": {"weight": 0.03 * jax.random.normal(k[4], (1024, 256)),
-                             "bias": jnp.zeros(256)}}}
+    bp = {"ln2": {"w": 0.5 + jax.random.uniform(k[0], (256,)),
+                  "b": 0.1 * jax.random.normal(k[1], (256,))},
+          "mlp": {"W_in": 0.05 * jax.random.normal(k[2], (256, 1024)),
+                  "b_in": 0.1 * jax.random.normal(k[3], (1024,)),
+                  "W_out": 0.03 * jax.random.normal(k[4], (1024, 256)), "b_out": jnp.zeros(256)}}
     h = 3.0 * jax.random.normal(k[5], (6, 256)) + 1.0
     dense, auto, gram = jax.jit(lambda bp, h: (
         mlp_jacobian.mlp_jacobian(bp, cfg, h),
-        jax.vmap(jax.jacfwd(lambda v: jac._mlp_out(bp, cfg, v)))(h),
+        jax.vmap(jax.jacfwd(lambda v: mlp_part(bp, v[None, None], cfg)[0, 0]))(h),
         mlp_jacobian.mlp_frobenius_gram(bp, cfg, h)))(bp, h)
     assert _rel(dense, auto) < 1e-5
     assert _rel(gram, np.linalg.norm(np.asarray(dense), axis=(-2, -1))) < 1e-4

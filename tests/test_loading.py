@@ -91,7 +91,7 @@ def test_untied_lm_head(tmp_path, ids):
     ref = torch_gpt2({**KW, "tie_word_embeddings": False}, seed=4)
     _write(tmp_path, ref.state_dict(), {**KW, "tie_word_embeddings": False})
     m = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False)
-    assert not np.array_equal(m.params["lm_head"]["weight"], m.params["wte"]["weight"])
+    assert not np.array_equal(m.params["unembed"]["W_U"], m.params["embed"]["W_E"].T)
     assert np.abs(np.asarray(plateau_jax.forward(m, ids)[0]) - _ref_logits(ref, ids)).max() <= 1e-4
 
 
@@ -117,13 +117,13 @@ def test_layernorm_free_checkpoint_loads_with_identity_layernorms(tmp_path, ids)
     assert normal.config.ln_mode == "normal"
     # identity mode warns when the LayerNorms carry a real affine part it drops
     assert plateau_jax.model.loading._warn_if_identity_drops_affine(m.params, m.config) == 0.0
-    p = {**m.params, "ln_f": {"weight": m.params["ln_f"]["weight"] * 1.5,
-                              "bias": m.params["ln_f"]["bias"]}}
+    p = {**m.params, "ln_final": {"w": m.params["ln_final"]["w"] * 1.5,
+                                  "b": m.params["ln_final"]["b"]}}
     assert plateau_jax.model.loading._warn_if_identity_drops_affine(p, m.config) == pytest.approx(0.5)
     # the mode survives a save/load round trip, even on a normal-eps checkpoint
     forced = plateau_jax.load_gpt2(str(tmp_path), require_tokenizer=False, ln_mode="identity")
-    plateau_jax.save_gpt2(forced.replace(config=plateau_jax.GPT2Config(
-        **{**forced.config.__dict__, "layer_norm_epsilon": 1e-5})), str(tmp_path / "again"))
+    plateau_jax.save_gpt2(forced.replace(config=forced.config.replace(norm_eps=1e-5)),
+                          str(tmp_path / "again"))
     assert plateau_jax.load_gpt2(str(tmp_path / "again"), require_tokenizer=False).config.ln_mode == "identity"
 
 
@@ -144,7 +144,7 @@ def test_center_writing_weights(tmp_path, ref, ids):
         else:  # LayerNorm outputs and what follows them are unchanged
             np.testing.assert_allclose(b, a, atol=1e-4, err_msg=s)
     # plain params untouched, the unembedding keeps the uncentred embedding
-    np.testing.assert_array_equal(centred.params["lm_head"]["weight"], plain.params["wte"]["weight"])
+    np.testing.assert_array_equal(centred.params["unembed"]["W_U"], plain.params["embed"]["W_E"].T)
 
 
 def _hub_cache(tmp_path, src, repo="test-org/tiny-gpt2"):
@@ -221,10 +221,10 @@ def test_unsupported_config_lists_every_feature(tmp_path):
 
 def test_presets_match_released_sizes():
     large = plateau_jax.GPT2Config.preset("gpt2-large")
-    assert (large.n_layer, large.n_embd, large.n_head, large.n_inner) == (36, 1280, 20, 5120)
+    assert (large.n_layer, large.d_model, large.n_head, large.d_mlp) == (36, 1280, 20, 5120)
     xl = plateau_jax.GPT2Config.preset("gpt2-xl")
-    assert (xl.n_layer, xl.n_embd, xl.d_head) == (48, 1600, 64)
-    shapes = plateau_jax.abstract_params(plateau_jax.GPT2Config.preset("gpt2"))
+    assert (xl.n_layer, xl.d_model, xl.d_head) == (48, 1600, 64)
+    shapes = plateau_jax.model.params.abstract_params(plateau_jax.GPT2Config.preset("gpt2"))
     n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
     assert n == 124_439_808  # GPT-2 small's parameter count (tied embeddings)
 
@@ -240,17 +240,17 @@ def test_save_load_roundtrip(tmp_path, tiny_model):
 def test_half_precision_checkpoint_reads_exactly(tmp_path, tiny_dir, tiny_model, stored):
     """16-bit safetensors are read bit-exactly and cast to the requested dtype."""
     import ml_dtypes
-    from safetensors.numpy import save_file
+    from safetensors.numpy import load_file, save_file
     np_dtype = ml_dtypes.bfloat16 if stored == "bfloat16" else np.float16
-    flat = plateau_jax.model.loading._flatten(jax.device_get(tiny_model.params))
-    save_file({"transformer." + k: np.asarray(v).astype(np_dtype) for k, v in flat.items()},
-              tmp_path / "model.safetensors")
+    flat = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    save_file({k: v.astype(np_dtype) for k, v in flat.items()}, tmp_path / "model.safetensors")
     for f in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_dir, f), tmp_path / f)
     m = plateau_jax.load_gpt2(str(tmp_path))
-    got = plateau_jax.model.loading._flatten(jax.device_get(m.params))
+    plateau_jax.save_gpt2(m, str(tmp_path / "f32"))
+    got = load_file(str(tmp_path / "f32" / "model.safetensors"))
     for k, v in flat.items():
-        np.testing.assert_array_equal(got[k], np.asarray(v).astype(np_dtype).astype(np.float32))
+        np.testing.assert_array_equal(got[k], v.astype(np_dtype).astype(np.float32))
 
 
 def test_package_works_with_torch_unimportable(tiny_dir):

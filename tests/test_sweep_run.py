@@ -240,11 +240,11 @@ def test_antiparallel_endpoints_fail_with_the_angle_and_tolerance(tiny_model, tm
     # resid_post of the first pair's endpoints is exactly antiparallel.
     params = jax.tree_util.tree_map(np.array, tiny_model.params)
     for name in ("attn", "mlp"):
-        params["h"]["0"][name]["c_proj"]["weight"][:] = 0
-        params["h"]["0"][name]["c_proj"]["bias"][:] = 0
-    params["wpe"]["weight"][:] = 0
+        params["blocks"][name]["W_O" if name == "attn" else "W_out"][0] = 0
+        params["blocks"][name]["b_O" if name == "attn" else "b_out"][0] = 0
+    params["pos_embed"]["W_pos"][:] = 0
     ta, tb = pairs[0][1].token_a, pairs[0][1].token_b
-    params["wte"]["weight"][tb] = -params["wte"]["weight"][ta]
+    params["embed"]["W_E"][tb] = -params["embed"]["W_E"][ta]
     model = tiny_model.replace(params=jax.tree_util.tree_map(jax.numpy.asarray, params))
     out = str(tmp_path / "s")
     runner.run_sweep(model, pairs, SPEC, out, batch_size=BATCH, show_progress=False,

@@ -1,9 +1,9 @@
 """Closed-form MLP Jacobians and their exact Frobenius norms from per-layer Gram matrices.
 
-The MLP of block ``l`` as a function of ``h = hook_resid_mid`` (one position, ln_2 included)::
+The MLP of block ``l`` as a function of ``h = hook_resid_mid`` (one position, ln2 included)::
 
     u   = LN(h) = w * y + b,   y = (h - mean(h)) / s,   s = sqrt(var(h) + eps)
-    pre = u @ W_in + b_in       (HF Conv1D layout: W_in [d, m])
+    pre = u @ W_in + b_in       (W_in [d, m], W_out [m, d])
     out = gelu(pre) @ W_out + b_out                     (W_out [m, d])
 
 With ``J[i, j] = d out_i / d h_j`` (shape [d_out, d_in]) and ``g = gelu'(pre)``::
@@ -37,50 +37,61 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from plateau_jax.model.config import GPT2Config
-from plateau_jax.model.modules import gelu_new
+from plateau_jax.model.config import ModelConfig
+from plateau_jax.model.layers import ACTIVATIONS
 
 Array = jax.Array
 
 
-def _ln_parts(block_params, config: GPT2Config, h: Array):
+def _check(config: ModelConfig):
+    if config.gated_mlp or config.norm != "layernorm":
+        raise NotImplementedError(
+            "the closed-form MLP Jacobian covers LayerNorm + ungated MLPs (GPT-2); use "
+            "mlp_method='autodiff' for this model.")
+
+
+def _ln_parts(block_params, config: ModelConfig, h: Array):
     """(u = LN(h), y, s) for h [..., d]; identity mode gives (h, None, 1)."""
+    _check(config)
     if config.ln_mode == "identity":
         return h, None, jnp.ones(h.shape[:-1] + (1,), h.dtype)
-    w = block_params["ln_2"]["weight"].astype(h.dtype)
-    b = block_params["ln_2"]["bias"].astype(h.dtype)
+    w = block_params["ln2"]["w"].astype(h.dtype)
+    b = block_params["ln2"]["b"].astype(h.dtype)
     mean = jnp.mean(h, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-    s = jnp.sqrt(var + config.layer_norm_epsilon)
+    s = jnp.sqrt(var + config.norm_eps)
     y = (h - mean) / s
     return y * w + b, y, s
 
 
 def _pre_and_slope(block_params, config, h):
     u, y, s = _ln_parts(block_params, config, h)
-    fc = block_params["mlp"]["c_fc"]
-    pre = u @ fc["weight"].astype(h.dtype) + fc["bias"].astype(h.dtype)
-    g = jax.jvp(gelu_new, (pre,), (jnp.ones_like(pre),))[1]
+    mlp = block_params["mlp"]
+    pre = u @ mlp["W_in"].astype(h.dtype)
+    if "b_in" in mlp:
+        pre = pre + mlp["b_in"].astype(h.dtype)
+    g = jax.jvp(ACTIVATIONS[config.act], (pre,), (jnp.ones_like(pre),))[1]
     return pre, g, y, s
 
 
 def _wc(block_params, config, dtype):
     """``Wc`` [d, m]: LN-weight-scaled W_in, centred over d (just W_in in identity mode)."""
-    w_in = block_params["mlp"]["c_fc"]["weight"].astype(dtype)
+    _check(config)
+    w_in = block_params["mlp"]["W_in"].astype(dtype)
     if config.ln_mode == "identity":
         return w_in
-    wt = block_params["ln_2"]["weight"].astype(dtype)[:, None] * w_in
+    wt = block_params["ln2"]["w"].astype(dtype)[:, None] * w_in
     return wt - jnp.mean(wt, axis=0, keepdims=True)
 
 
-def mlp_jacobian(block_params, config: GPT2Config, h: Array) -> Array:
+def mlp_jacobian(block_params, config: ModelConfig, h: Array) -> Array:
     """Closed-form ``d hook_mlp_out / d hook_resid_mid`` at ``h`` [..., d] -> [..., d, d].
 
-    ``block_params`` is ``model.params["h"][str(layer)]``. One [d, m] x [m, d] product per step.
+    ``block_params`` is ``model.block(layer)``. One [d, m] x [m, d] product per step.
     """
     _, g, y, s = _pre_and_slope(block_params, config, h)
     wc = _wc(block_params, config, h.dtype)
-    w_out = block_params["mlp"]["c_proj"]["weight"].astype(h.dtype)  # [m, d]
+    w_out = block_params["mlp"]["W_out"].astype(h.dtype)  # [m, d]
     if config.ln_mode == "identity":
         B = jnp.broadcast_to(wc.T, h.shape[:-1] + wc.T.shape)
     else:
@@ -91,20 +102,20 @@ def mlp_jacobian(block_params, config: GPT2Config, h: Array) -> Array:
     return A_g @ B
 
 
-def mlp_grams(block_params, config: GPT2Config, dtype=None) -> Dict[str, Array]:
+def mlp_grams(block_params, config: ModelConfig, dtype=None) -> Dict[str, Array]:
     """Per-layer Gram matrix ``{"M": (W_out W_out^T) o (Wc^T Wc)}`` [m, m].
 
     It depends only on the weights: compute once per layer (two m x d x m products), reuse for
     every step and every prompt pair. Memory: m^2 floats per layer (GPT-2 small 38 MB, Large
     105 MB, XL 164 MB).
     """
-    dtype = dtype or block_params["mlp"]["c_fc"]["weight"].dtype
-    w_out = block_params["mlp"]["c_proj"]["weight"].astype(dtype)
+    dtype = dtype or block_params["mlp"]["W_in"].dtype
+    w_out = block_params["mlp"]["W_out"].astype(dtype)
     wc = _wc(block_params, config, dtype)
     return {"M": (w_out @ w_out.T) * (wc.T @ wc)}
 
 
-def mlp_frobenius_gram(block_params, config: GPT2Config, h: Array, grams=None) -> Array:
+def mlp_frobenius_gram(block_params, config: ModelConfig, h: Array, grams=None) -> Array:
     """Exact ``||d mlp_out / d resid_mid||_F`` at ``h`` [N, d] -> [N], without forming J.
 
     ``grams`` from :func:`mlp_grams` (computed here if None). Cost per step O(m d + m^2).
@@ -118,7 +129,7 @@ def mlp_frobenius_gram(block_params, config: GPT2Config, h: Array, grams=None) -
         wc = _wc(block_params, config, h.dtype)
         q = y @ wc
         beta = (2.0 - jnp.sum(y * y, axis=-1) / d) / d
-        w_out = block_params["mlp"]["c_proj"]["weight"].astype(h.dtype)  # [m, d]
+        w_out = block_params["mlp"]["W_out"].astype(h.dtype)  # [m, d]
         rank1 = jnp.sum(jnp.square((g * q) @ w_out), axis=-1)  # (g o q)^T G (g o q)
         sq = (sq - beta * rank1) / jnp.square(s[..., 0])
     return jnp.sqrt(jnp.maximum(sq, 0.0))

@@ -37,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.model import sites as sites_lib
-from plateau_jax.model.config import GPT2Config
-from plateau_jax.model.forward import Prefix, _continue_impl
-from plateau_jax.model.model import GPT2
-from plateau_jax.model.modules import MLP, Attention, Block, Hooks, LayerNorm
 from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams, mlp_jacobian
+from plateau_jax.model import core, layers
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.config import ModelConfig
+from plateau_jax.model.core import KVCache
+from plateau_jax.model.model import Model
+from plateau_jax.model.params import block_params
 from plateau_jax.jacobians.spectral import hutchinson_frobenius, power_spectral_norm, reduce_dense
 
 Array = jax.Array
@@ -53,8 +54,6 @@ SPEC_METHODS = ("svd", "power")
 MLP_METHODS = ("closed", "autodiff", "gram")
 FULL_NAMES = FAMILIES + ("cumulative", "product_mlp", "product_attn")
 DEFAULT_MAX_FULL_BYTES = 4 * 2 ** 30
-# Gram matrices of all layers are precomputed up front below this size, else layer by layer.
-GRAM_BYTES = 2 * 2 ** 30
 
 
 class JacobianTooLargeError(MemoryError):
@@ -63,39 +62,20 @@ class JacobianTooLargeError(MemoryError):
 
 # ----------------------------------------------------------------------------- single-token fns
 
-def _ln(p, config, x):
-    return LayerNorm(config.layer_norm_epsilon, config.ln_mode).apply({"params": p}, x)
-
-
-def _mlp_out(bp, config: GPT2Config, h: Array) -> Array:
-    u = _ln(bp["ln_2"], config, h)
-    return MLP(config).apply({"params": bp["mlp"]}, u, Hooks(), "")
-
-
-def _attn_out(bp, config: GPT2Config, keys, values, mask, x: Array) -> Array:
-    u = _ln(bp["ln_1"], config, x)[None, None]
-    out, _ = Attention(config).apply({"params": bp["attn"]}, u, Hooks(), "",
-                                     (keys[None], values[None]), mask[None])
-    return out[0, 0]
-
-
-def _block_out(bp, config: GPT2Config, keys, values, mask, x: Array) -> Array:
-    out, _ = Block(config, 0).apply({"params": bp}, x[None, None], Hooks(),
-                                    (keys[None], values[None]), mask[None])
-    return out[0, 0]
-
-
-def _family_fn_raw(family, bp, config, keys, values, mask):
+def _family_fn_raw(family: str, bp, config: ModelConfig, context: layers.Context, position):
+    """``[d] -> [d]``: one layer's family function at the next position (``position`` ``[1]``)."""
+    pos = position[:, None]
+    one = lambda f: (lambda x: f(x[None, None])[0, 0])
     if family == "mlp":
-        return functools.partial(_mlp_out, bp, config)
+        return one(lambda x: layers.mlp_part(bp, x, config))
     if family == "attn":
-        return functools.partial(_attn_out, bp, config, keys, values, mask)
+        return one(lambda x: layers.attn_part(bp, x, config, positions=pos, context=context)[0])
     if family == "layer":
-        return functools.partial(_block_out, bp, config, keys, values, mask)
+        return one(lambda x: layers.block(bp, x, config, positions=pos, context=context)[0])
     raise ValueError(f"Unknown Jacobian family {family!r}; choose one of {FAMILIES}.")
 
 
-def family_fn(model: GPT2, prefix: Prefix, layer: int, family: str):
+def family_fn(model: Model, prefix: KVCache, layer: int, family: str):
     """The single-token function whose Jacobian is family ``family`` at ``layer``: ``[d] -> [d]``.
 
     ``mlp``: resid_mid -> mlp_out; ``attn``: resid_pre -> attn_out; ``layer``: resid_pre ->
@@ -103,30 +83,33 @@ def family_fn(model: GPT2, prefix: Prefix, layer: int, family: str):
     """
     sites_lib.check_layer(layer, model.config)
     _check_prefix(prefix)
-    return _family_fn_raw(family, model.params["h"][str(layer)], model.config,
-                          prefix.keys[layer], prefix.values[layer], prefix.mask)
+    return _family_fn_raw(family, block_params(model.params, layer), model.config,
+                          prefix.layer(layer), prefix.length)
 
 
-def _first_layer(layer0: int, site: str) -> int:
-    return layer0 + 1 if site == "resid_post" else layer0
-
-
-def _cumulative_raw(params, config, prefix, layer0, site, layers):
-    targets = tuple(sites_lib.site(l, "resid_post") for l in layers)
+def _cumulative_raw(params, config: ModelConfig, prefix: KVCache, entry):
+    """``x [d] -> [L, d]``: resid_post of every layer (NaN rows upstream of the entry)."""
+    iv = core.record_layers({"hook_resid_post": range(config.n_layer)}, config.n_layer)
 
     def f(x):
-        _, rec = _continue_impl(params, prefix, x[None], {}, config, layer0, site, targets, ())
-        return jnp.stack([rec[t][0] for t in targets])  # [n_layers, d]
+        _, rec = core.continue_from(params, config, prefix, x[None, None], entry, iv)
+        return rec["hook_resid_post"][:, 0, 0]
 
     return f
 
 
-def cumulative_fn(model: GPT2, prefix: Prefix, layer: int, site: str = "resid_post"):
+def _first_layer(layer0: int, site: str) -> int:
+    return sites_lib.first_layer_after(layer0, site)
+
+
+def cumulative_fn(model: Model, prefix: KVCache, layer: int, site: str = "resid_post"):
     """``x [d] -> [n_after, d]``: resid_post of every layer after ``blocks.layer.hook_{site}``."""
     _check_site(site)
     _check_prefix(prefix)
-    layers = tuple(range(_first_layer(layer, site), model.config.n_layer))
-    return _cumulative_raw(model.params, model.config, prefix, layer, site, layers)
+    cfg = model.config
+    f = _cumulative_raw(model.params, cfg, prefix, sites_lib.entry_index(layer, site, cfg))
+    first = _first_layer(layer, site)
+    return lambda x: f(x)[first:]
 
 
 # ----------------------------------------------------------------------------- options
@@ -204,7 +187,7 @@ class SweepOptions:
 
 # ----------------------------------------------------------------------------- sizes
 
-def full_bytes(config: GPT2Config, n_steps: int, layer: int, site: str, full: Sequence[str],
+def full_bytes(config: ModelConfig, n_steps: int, layer: int, site: str, full: Sequence[str],
                itemsize: int = 4) -> int:
     """Bytes of the full matrices ``full`` would return: n_layers x n_steps x d x d each."""
     n_layers = config.n_layer - _first_layer(layer, site)
@@ -228,7 +211,7 @@ def _device_limit() -> int:
     return DEFAULT_MAX_FULL_BYTES
 
 
-def check_full_size(config: GPT2Config, n_steps: int, layer: int, site: str,
+def check_full_size(config: ModelConfig, n_steps: int, layer: int, site: str,
                     full: Sequence[str], itemsize: int = 4, max_bytes: Optional[int] = None,
                     force: bool = False) -> int:
     """Returns the estimate; raises :class:`JacobianTooLargeError` above ``max_bytes`` (default:
@@ -246,42 +229,32 @@ def check_full_size(config: GPT2Config, n_steps: int, layer: int, site: str,
 
 # ----------------------------------------------------------------------------- the sweep
 
-def _stack(trees):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
-
-
-def _sweep_impl(params, prefix, x, key, grams, config: GPT2Config, layer0: int, site: str,
+def _sweep_impl(params, prefix: KVCache, x, entry, key, grams, config: ModelConfig,
                 opts: SweepOptions):
+    """All outputs with a leading axis over every layer (rows before the first layer after the
+    entry are NaN) and the steps second."""
     N, d = x.shape
-    first = _first_layer(layer0, site)
-    layers = tuple(range(first, config.n_layer))
-    nL = len(layers)
-    rec_sites = tuple(sites_lib.site(l, s) for l in layers for s in ("resid_pre", "resid_mid")
-                      if not (s == "resid_pre" and site == "resid_mid" and l == layer0))
-    _, rec = _continue_impl(params, prefix, x, {}, config, layer0, site, rec_sites, ())
-    pre = jnp.stack([rec[sites_lib.site(l, "resid_pre")] for l in layers])  # [nL, N, d]
-    mid = jnp.stack([rec[sites_lib.site(l, "resid_mid")] for l in layers])
-    bps = _stack([params["h"][str(l)] for l in layers])
-    k_layers, k_cum = jax.random.split(key)
-    xs = dict(bp=bps, keys=prefix.keys[first:], values=prefix.values[first:], pre=pre, mid=mid,
-              key=jax.random.split(k_layers, nL))
+    L = config.n_layer
+    first = entry // 2  # entries are resid_pre (2l) or resid_post (2l + 2)
+    iv = core.record_layers({"hook_resid_pre": range(L), "hook_resid_mid": range(L)}, L)
+    _, rec = core.continue_from(params, config, prefix, x[None], entry, iv)
     use_gram = "mlp" in opts.families and opts.mlp_method == "gram" and "fro" in opts.stats
-    if use_gram and grams is None and nL * config.n_inner ** 2 * x.dtype.itemsize <= GRAM_BYTES:
-        # top-level products (outside the layer loop) keep XLA's fastest dot kernels
-        grams = _stack([mlp_grams(params["h"][str(l)], config, x.dtype) for l in layers])
+    xs = dict(i=jnp.arange(L), bp=params["blocks"], keys=prefix.keys, values=prefix.values,
+              pre=rec["hook_resid_pre"][:, 0], mid=rec["hook_resid_mid"][:, 0],
+              key=jax.random.split(key, L))
     if use_gram and grams is not None:
-        xs["grams"] = grams
+        xs["grams"] = grams["M"]
     prod_fams = tuple(f for f in ("mlp", "attn") if opts.products and f in opts.families)
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (N, d, d))
-    carry0 = {f: eye for f in prod_fams}
+    carry0 = {f: jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (N, d, d)) for f in prod_fams}
     power = opts.spec_method == "power" and "spec" in opts.stats
     dstats = opts.dense_stats(matrix_free_spec=power)
 
-    def layer_body(carry, inp):
+    def layer_results(carry, inp):
         out, new_carry = {}, {}
         bp = inp["bp"]
+        ctx = layers.Context(inp["keys"], inp["values"], prefix.mask)
         for fam in opts.families:
-            f = _family_fn_raw(fam, bp, config, inp["keys"], inp["values"], prefix.mask)
+            f = _family_fn_raw(fam, bp, config, ctx, prefix.length)
             xin = inp["mid"] if fam == "mlp" else inp["pre"]
             dense = opts.needs_dense(fam)
             has_prod = fam in prod_fams
@@ -321,16 +294,23 @@ def _sweep_impl(params, prefix, x, key, grams, config: GPT2Config, layer0: int, 
                 new_carry[fam] = res.pop("_P")
             out.update(res)
             if fam == "mlp" and use_gram:
-                out["mlp_fro"] = mlp_frobenius_gram(bp, config, xin, inp.get("grams"))
+                out["mlp_fro"] = mlp_frobenius_gram(bp, config, xin, (
+                    {"M": inp["grams"]} if "grams" in inp else None))
         return new_carry, out
 
-    _, per_layer = jax.lax.scan(layer_body, carry0, xs)
+    def body(carry, inp):
+        shapes = jax.eval_shape(layer_results, carry, inp)[1]
+        nan = lambda c, i: (c, jax.tree_util.tree_map(
+            lambda sd: jnp.full(sd.shape, jnp.nan, sd.dtype), shapes))
+        return jax.lax.cond(inp["i"] >= first, layer_results, nan, carry, inp)
+
+    _, per_layer = jax.lax.scan(body, carry0, xs)
 
     if opts.cumulative:
-        g = _cumulative_raw(params, config, prefix, layer0, site, layers)
+        g = _cumulative_raw(params, config, prefix, entry)
 
         def cstep(xi):
-            J = jax.jacfwd(g)(xi)  # [nL, d, d]
+            J = jax.jacfwd(g)(xi)  # [L, d, d]
             res = {f"cumulative_{k}": v for k, v in reduce_dense(J, opts.dense_stats(False),
                                                                  opts.top_k).items()}
             if "cumulative" in opts.full:
@@ -338,11 +318,16 @@ def _sweep_impl(params, prefix, x, key, grams, config: GPT2Config, layer0: int, 
             return res
 
         cum = jax.lax.map(cstep, x, batch_size=min(opts.batch_size, N))
-        per_layer.update({k: jnp.swapaxes(v, 0, 1) for k, v in cum.items()})  # -> [nL, N, ...]
+        upstream = jnp.arange(L) < first
+        per_layer.update({k: jnp.where(upstream.reshape((L,) + (1,) * (v.ndim - 1)), jnp.nan, v)
+                          for k, v in ((k, jnp.swapaxes(v, 0, 1)) for k, v in cum.items())})
     return per_layer
 
 
-_sweep_jit = jax.jit(_sweep_impl, static_argnums=(5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnames=("config", "opts", "precision"))
+def _sweep_jit(params, prefix, x, entry, key, grams, config, opts, precision):
+    with jax.default_matmul_precision(precision):
+        return _sweep_impl(params, prefix, x, entry, key, grams, config, opts)
 
 
 def _check_site(site):
@@ -351,45 +336,50 @@ def _check_site(site):
                          "'resid_pre'.")
 
 
-def _check_prefix(prefix):
-    if prefix.batched:
-        raise ValueError("Jacobian sweeps take one (unbatched) prefix; loop over prompt pairs.")
+def _check_prefix(prefix: KVCache):
+    if prefix.batch != 1:
+        raise ValueError("Jacobian sweeps take a cache of one context; loop over prompt pairs.")
 
 
-def mlp_grams_for(model: GPT2, layers: Sequence[int]) -> Dict[str, Array]:
-    """Stacked per-layer Gram matrices ``{"M"}`` ``[len(layers), m, m]`` for
-    ``mlp_method="gram"``; compute once, pass as ``grams=`` for every prompt pair."""
-    cfg = model.config
-    layers = tuple(int(l) for l in layers)
-    fn = jax.jit(lambda bp: mlp_grams(bp, cfg))
-    out = [fn(model.params["h"][str(l)]) for l in layers]
-    return _stack(out)
+@functools.partial(jax.jit, static_argnames=("config", "precision"))
+def _grams_jit(blocks, config, precision):
+    with jax.default_matmul_precision(precision):
+        return jax.lax.map(lambda bp: mlp_grams(bp, config), blocks)
 
 
-def sweep_layers(config: GPT2Config, layer: int, site: str = "resid_post") -> np.ndarray:
+def mlp_grams_for(model: Model) -> Dict[str, Array]:
+    """Every layer's Gram matrix ``{"M": [L, m, m]}`` for ``mlp_method="gram"``; compute once,
+    pass as ``grams=`` for every prompt pair (memory: L m^2 floats; without it each sweep
+    computes the matrices of the layers it needs inside the call)."""
+    return _grams_jit(model.params["blocks"], model.config, model.matmul_precision)
+
+
+def sweep_layers(config: ModelConfig, layer: int, site: str = "resid_post") -> np.ndarray:
     """Layer index of each row of the per-layer outputs of :func:`jacobian_sweep`."""
     return np.arange(_first_layer(layer, site), config.n_layer)
 
 
-def jacobian_sweep(model: GPT2, prefix: Prefix, x, layer: int, site: str = "resid_post", *,
+def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "resid_post", *,
                    options: Optional[SweepOptions] = None, grams=None, seed: int = 0,
                    force: bool = False, max_full_bytes: Optional[int] = None,
                    **option_kwargs) -> Dict[str, Array]:
     """Jacobians for every step of a path and every later layer, in one jitted call.
 
+    The entry layer is a runtime value: one compiled program serves every interpolation layer.
+
     Args:
       model, prefix: the model and the shared context's keys/values (:func:`run_prefix`).
       x: ``[N, d]`` path values of ``blocks.{layer}.hook_{site}`` (e.g. from
-        :func:`plateau_jax.paths.interpolate`).
+        :func:`plateau_jax.plateaus.paths.interpolate`).
       layer, site: where the path is fed in ("resid_post" as in the study, or "resid_pre").
       options: a :class:`SweepOptions`, or its fields as keyword arguments.
-      grams: stacked per-layer Gram matrices from :func:`mlp_grams_for` (``mlp_method="gram"``),
+      grams: every layer's Gram matrix from :func:`mlp_grams_for` (``mlp_method="gram"``),
         reusable across prompt pairs; computed inside the call when None.
       seed: randomness for power iteration / Hutchinson probes.
       force, max_full_bytes: see :func:`check_full_size`.
 
     Returns:
-      ``{name: array}`` with the layer axis first (rows = :func:`sweep_layers`), steps second:
+      ``{name: numpy array}`` with the layer axis first (rows = :func:`sweep_layers`), steps second:
       ``{fam}_fro``/``{fam}_spec`` ``[L, N]``, ``{fam}_topk`` ``[L, N, k]``,
       ``{fam}_fro_hutch``/``{fam}_fro_hutch_se`` ``[L, N]``, ``{fam}_full`` ``[L, N, d, d]`` for
       fam in families + "cumulative" + "product_mlp"/"product_attn" (cumulative and products:
@@ -403,16 +393,18 @@ def jacobian_sweep(model: GPT2, prefix: Prefix, x, layer: int, site: str = "resi
     _check_site(site)
     _check_prefix(prefix)
     x = jnp.asarray(x, model.dtype)
-    if x.ndim != 2 or x.shape[1] != cfg.n_embd or x.shape[0] < 1:
-        raise ValueError(f"x must have shape [N, {cfg.n_embd}]; got {x.shape}.")
-    if _first_layer(layer, site) >= cfg.n_layer:
-        raise ValueError(f"no layer follows blocks.{layer}.hook_{site}; pick an earlier layer.")
+    if x.ndim != 2 or x.shape[1] != cfg.d_model or x.shape[0] < 1:
+        raise ValueError(f"x must have shape [N, {cfg.d_model}]; got {x.shape}.")
+    first = _first_layer(layer, site)
+    if first >= cfg.n_layer:
+        raise ValueError(f"no layer follows blocks.{layer}.hook_{site} (the last layer); pick an "
+                         f"earlier layer (0..{cfg.n_layer - 2}) or site='resid_pre'.")
     check_full_size(cfg, x.shape[0], layer, site, opts.full, x.dtype.itemsize, max_full_bytes,
                     force)
-    if grams is not None:
-        nL = cfg.n_layer - _first_layer(layer, site)
-        if grams["M"].shape[0] != nL:
-            raise ValueError(f"grams cover {grams['M'].shape[0]} layers; this sweep needs {nL} "
-                             f"(layers {_first_layer(layer, site)}..{cfg.n_layer - 1}).")
-    return _sweep_jit(model.params, prefix, x, jax.random.PRNGKey(seed), grams, cfg, layer,
-                      site, opts)
+    if grams is not None and grams["M"].shape[0] != cfg.n_layer:
+        raise ValueError(f"grams cover {grams['M'].shape[0]} layers; this model has "
+                         f"{cfg.n_layer} (use mlp_grams_for(model)).")
+    entry = jnp.asarray(sites_lib.entry_index(layer, site, cfg), jnp.int32)
+    out = _sweep_jit(model.params, prefix, x, entry, jax.random.PRNGKey(seed), grams, cfg, opts,
+                     model.matmul_precision)
+    return {k: np.asarray(v)[first:] for k, v in out.items()}  # host arrays: no per-layer slice programs

@@ -1,159 +1,156 @@
-"""GPT-2 configuration: read from a HuggingFace ``config.json``, refuse what we do not implement."""
+"""Model architecture, in family-neutral terms, and the presets of the released GPT-2 sizes.
+
+One :class:`ModelConfig` describes every supported family (GPT-2 today; the block is written for
+the switches a family needs: LayerNorm or RMSNorm, learned or rotary positions, grouped-query
+attention, gated MLPs, a parallel residual). Each family's module in
+:mod:`plateau_jax.model.families` translates a HuggingFace ``config.json`` into it and refuses, in
+one error that lists them all, the features we do not implement.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping
-
-# Activation names that all mean the tanh approximation of GELU used by GPT-2.
-TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+from typing import Optional, Tuple
 
 LN_MODES = ("normal", "identity")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
+POSITIONALS = ("learned", "rotary")
 
-_PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+_GPT2_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600),
 }
 
 
 class UnsupportedConfigError(ValueError):
-    """The checkpoint's config asks for a GPT-2 variant this package does not implement."""
+    """The checkpoint's config asks for an architecture feature this package does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
-    """Architecture of a GPT-2 model (hashable, so it can be a static jit argument).
+class ModelConfig:
+    """Architecture of a decoder-only transformer (hashable: a static jit argument).
 
     Attributes:
+      family: checkpoint family, which fixes the on-disk names ("gpt2").
       vocab_size: number of token embeddings V.
       n_positions: maximum sequence length.
-      n_embd: residual width d_model.
-      n_layer: number of transformer blocks.
-      n_head: attention heads; d_head = n_embd // n_head.
-      n_inner: MLP width d_mlp (HF's ``n_inner``; ``None`` in config.json means 4 * n_embd).
-      layer_norm_epsilon: LayerNorm eps.
-      ln_mode: "normal" (HF numerics) or "identity" (every LayerNorm is the identity, as the
-        study did for LayerNorm-free checkpoints).
-      scale_attn_weights: divide attention scores by sqrt(d_head) (HF default True).
-      tie_word_embeddings: logits use ``wte``; otherwise a separate ``lm_head`` is expected.
+      d_model: residual width.
+      n_layer: number of blocks.
+      n_head: query heads; ``n_kv_head`` key/value heads (grouped-query attention when fewer;
+        default ``n_head``); ``d_head`` per-head width (default ``d_model // n_head``).
+      d_mlp: MLP hidden width.
+      norm: "layernorm" (mean and variance; weight and bias) or "rmsnorm" (weight only).
+      norm_eps: the norms' epsilon.
+      ln_mode: "normal", or "identity": every norm is the identity (the study's treatment of
+        LayerNorm-free checkpoints).
+      act: MLP activation: "gelu_new" (GPT-2's tanh GELU), "gelu", "silu", "relu".
+      gated_mlp: ``act(x W_gate) * (x W_in)`` (SwiGLU-style) instead of ``act(x W_in)``.
+      positional: "learned" (absolute position embeddings) or "rotary".
+      rotary_dim: leading dimensions of each head that rotate (rotary only).
+      rotary_base: rotary frequency base (``rope_theta``).
+      rope_scaling: rotary frequency scaling as sorted ``(key, value)`` pairs; empty for none.
+      parallel_residual: ``resid_post = resid_pre + attn(ln1(x)) + mlp(ln2(x))`` (no resid_mid).
+      attn_bias, attn_out_bias, mlp_bias: whether Q/K/V, the attention output and the MLP have
+        biases.
+      scale_attn: divide attention scores by sqrt(d_head).
+      tie_embeddings: the unembedding is ``W_E.T`` (no separate ``unembed`` params).
     """
 
+    family: str = "gpt2"
     vocab_size: int = 50257
     n_positions: int = 1024
-    n_embd: int = 768
+    d_model: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_inner: int = 3072
-    layer_norm_epsilon: float = 1e-5
+    d_mlp: int = 3072
+    n_kv_head: Optional[int] = None
+    d_head: Optional[int] = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
     ln_mode: str = "normal"
-    scale_attn_weights: bool = True
-    tie_word_embeddings: bool = True
+    act: str = "gelu_new"
+    gated_mlp: bool = False
+    positional: str = "learned"
+    rotary_dim: int = 0
+    rotary_base: float = 10000.0
+    rope_scaling: Tuple[Tuple[str, object], ...] = ()
+    parallel_residual: bool = False
+    attn_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    scale_attn: bool = True
+    tie_embeddings: bool = True
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
+        for name in ("vocab_size", "n_positions", "d_model", "n_layer", "n_head", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.d_head is None:
+            if self.d_model % self.n_head:
+                raise UnsupportedConfigError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; give d_head.")
+            object.__setattr__(self, "d_head", self.d_model // self.n_head)
+        if self.n_head % self.n_kv_head:
             raise UnsupportedConfigError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
-        if self.ln_mode not in LN_MODES:
-            raise ValueError(f"ln_mode={self.ln_mode!r}: expected one of {LN_MODES}.")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+                f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}.")
+        for name, value, allowed in (("ln_mode", self.ln_mode, LN_MODES),
+                                     ("norm", self.norm, NORMS), ("act", self.act, ACTIVATIONS),
+                                     ("positional", self.positional, POSITIONALS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}.")
+        if self.positional == "rotary" and not (0 < self.rotary_dim <= self.d_head
+                                                and self.rotary_dim % 2 == 0):
+            raise UnsupportedConfigError(
+                f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}].")
+
+    # Derived sizes -------------------------------------------------------------------------
 
     @property
-    def d_model(self) -> int:
-        return self.n_embd
+    def n_embd(self) -> int:
+        """GPT-2's name for ``d_model``."""
+        return self.d_model
 
     @property
-    def d_mlp(self) -> int:
-        return self.n_inner
+    def has_resid_mid(self) -> bool:
+        """Sequential blocks have ``hook_resid_mid``; parallel-residual blocks do not."""
+        return not self.parallel_residual
 
-    @property
-    def d_head(self) -> int:
-        return self.n_embd // self.n_head
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # Constructors --------------------------------------------------------------------------
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPT2Config":
+    def gpt2(cls, **kw) -> "ModelConfig":
+        """A GPT-2 architecture; ``d_mlp`` defaults to ``4 * d_model``."""
+        kw.setdefault("d_mlp", 4 * kw.get("d_model", cls.d_model))
+        return cls(family="gpt2", **kw)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
         """The architecture of a released GPT-2 size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")."""
-        if name not in _PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(_PRESETS)}.")
-        kw = dict(_PRESETS[name])
-        kw["n_inner"] = 4 * kw["n_embd"]
-        kw.update(overrides)
-        return cls(**kw)
+        if name not in _GPT2_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(_GPT2_PRESETS)}.")
+        return cls.gpt2(**{**_GPT2_PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf_dict(cls, raw: Mapping[str, Any], *, ln_mode: str = "auto") -> "GPT2Config":
-        """Builds a config from the contents of a HF GPT-2 ``config.json``.
-
-        Every feature we do not implement is collected and refused in one error.
-        ``ln_mode="auto"`` picks the mode a checkpoint saved by :func:`save_gpt2` recorded, else
-        "identity" for LayerNorm-free checkpoints, which encode the removal as a huge
-        ``layer_norm_epsilon`` (>= 1e3), and "normal" otherwise.
-        """
-        problems = []
-        model_type = raw.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            problems.append(f"model_type={model_type!r} (only 'gpt2')")
-        act = raw.get("activation_function", "gelu_new")
-        if act not in TANH_GELU_NAMES:
-            problems.append(f"activation_function={act!r} (only the tanh GELU: {TANH_GELU_NAMES})")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
-                     "add_cross_attention", "is_encoder_decoder"):
-            if raw.get(flag, False):
-                problems.append(f"{flag}=True")
-        if problems:
-            raise UnsupportedConfigError(
-                "This GPT-2 config uses features plateau_jax does not implement: "
-                + "; ".join(problems)
-                + ". Use a standard GPT-2 checkpoint or edit config.json if these are unintended.")
-        n_embd = int(raw.get("n_embd", raw.get("hidden_size", 768)))
-        eps = float(raw.get("layer_norm_epsilon", 1e-5))
-        if ln_mode == "auto":
-            ln_mode = raw.get("plateau_jax_ln_mode") or ("identity" if eps >= 1e3 else "normal")
-        n_inner = raw.get("n_inner")
-        return cls(
-            vocab_size=int(raw.get("vocab_size", 50257)),
-            n_positions=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
-            n_embd=n_embd,
-            n_layer=int(raw.get("n_layer", 12)),
-            n_head=int(raw.get("n_head", 12)),
-            n_inner=int(n_inner) if n_inner is not None else 4 * n_embd,
-            layer_norm_epsilon=eps,
-            ln_mode=ln_mode,
-            scale_attn_weights=bool(raw.get("scale_attn_weights", True)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        )
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, *, ln_mode: str = "auto") -> "GPT2Config":
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), ln_mode=ln_mode)
+    def from_hf_dict(cls, raw, *, ln_mode: str = "auto") -> "ModelConfig":
+        """The config of a HuggingFace ``config.json`` (dispatch on ``model_type``)."""
+        from plateau_jax.model import families
+        return families.for_hf_config(raw).config_from_hf(raw, ln_mode=ln_mode)
 
     def to_hf_dict(self) -> dict:
-        """A ``config.json`` dict that transformers' GPT2Config and our loader both read."""
-        return {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": self.vocab_size,
-            "n_positions": self.n_positions,
-            "n_ctx": self.n_positions,
-            "n_embd": self.n_embd,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_inner": self.n_inner,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "scale_attn_weights": self.scale_attn_weights,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "bos_token_id": self.vocab_size - 1,
-            "eos_token_id": self.vocab_size - 1,
-            # Read back by from_hf_dict(ln_mode="auto"); ignored by transformers.
-            "plateau_jax_ln_mode": self.ln_mode,
-        }
+        """A ``config.json`` dict that transformers and our loader both read."""
+        from plateau_jax.model import families
+        return families.get(self.family).config_to_hf(self)
+
+
+# The name the first release used; ``GPT2Config.preset("gpt2-large")`` keeps working.
+GPT2Config = ModelConfig

@@ -1,9 +1,11 @@
-"""Loading GPT-2 checkpoints (HF hub id or local directory) into a :class:`GPT2`, and saving them.
+"""Loading checkpoints (hub id, local directory or shipped name) into a :class:`Model`, and saving.
 
-Loading is "abstract init, then fill": the param tree's shapes come from ``jax.eval_shape`` of
-the Flax init (nothing allocated), then tensors stream from the safetensors file(s) one at a
-time, each checked against its expected shape, cast, and put on the device. Nothing is
-returned unless every expected tensor was found, so a failed load leaves nothing half-built.
+Loading is "abstract shapes, check, then fill": the expected tensors come from the config (the
+family's :func:`tensor_rules`), every file header is checked against them before any data is
+read (missing, unexpected and misshapen tensors and truncated files are refused with the file
+named), then tensors stream one at a time into layer-stacked buffers, each buffer checked for
+NaN/Inf and moved to the device as soon as it is full. Nothing is returned unless every tensor
+was found, so a failed load leaves nothing half-built.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ import logging
 import os
 import re
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.model.config import GPT2Config
-from plateau_jax.model.model import GPT2, abstract_params, resolve_dtype
+from plateau_jax.model import families
+from plateau_jax.model.config import ModelConfig, UnsupportedConfigError
+from plateau_jax.model.core import check_precision
+from plateau_jax.model.model import Model, resolve_dtype
+from plateau_jax.model.tensor_files import (PickleSource, SafetensorsSource, TensorFileError,
+                                            TensorSource)
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILE = "pytorch_model.bin"
 TOKENIZER_FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json",
                 "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 # Named models resolved offline: name -> directory (models shipped inside this package).
 LOCAL_MODELS: Dict[str, str] = {}
 # The model scripts use when none is given.
@@ -37,15 +41,17 @@ DEFAULT_MODEL = "tiny-plateau"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not match its config."""
+    """A checkpoint is missing, damaged, or does not match its config."""
 
 
 def _missing_files_error(where: str, missing, hint: str = "") -> CheckpointError:
     return CheckpointError(
-        f"{where} is missing {', '.join(missing)}. A GPT-2 checkpoint directory needs "
-        "config.json, model.safetensors (or a sharded index) and the tokenizer files "
-        "(vocab.json + merges.txt, or tokenizer.json)." + hint)
+        f"{where} is missing {', '.join(missing)}. A checkpoint directory needs config.json, "
+        "model.safetensors (or a sharded index) and the tokenizer files (vocab.json + merges.txt, "
+        "or tokenizer.json)." + hint)
 
+
+# ----------------------------------------------------------------------------- where
 
 def _fetch_from_hub(repo_id: str, *, cache_dir, revision, local_files_only, allow_pickle) -> str:
     import huggingface_hub
@@ -60,27 +66,33 @@ def _fetch_from_hub(repo_id: str, *, cache_dir, revision, local_files_only, allo
         raise CheckpointError(
             f"Unknown model {repo_id!r}: it is neither a local directory nor a Hugging Face Hub "
             "repository (try 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local path).") from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise CheckpointError(f"{repo_id!r} has no revision {revision!r} on the Hugging Face "
+                              "Hub (a branch, tag or commit, e.g. 'main').") from e
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError,
             hf_errors.HfHubHTTPError) as e:
         cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        rev = f" --revision {revision}" if revision else ""
         raise CheckpointError(
             f"Could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}) and it is "
-            f"not cached under {cache}. Needed files: config.json, model.safetensors, vocab.json, "
-            "merges.txt. On a machine with internet run `huggingface-cli download "
-            f"{repo_id} config.json model.safetensors vocab.json merges.txt --local-dir DIR` "
+            f"not cached under {cache}. Needed files: config.json, model.safetensors and the "
+            f"tokenizer files. On a machine with internet run `hf download {repo_id}{rev} "
+            "--include 'config.json' '*.safetensors' '*.json' 'merges.txt' --local-dir DIR` "
             "and pass DIR (a local directory) instead.") from e
 
 
 def resolve_checkpoint(name_or_path: str, *, cache_dir=None, revision=None,
                        local_files_only: Optional[bool] = None, allow_pickle=False) -> str:
-    """Local directory holding the checkpoint: ``name_or_path`` itself, a shipped name, or a
-    hub snapshot (fetched once into the HF cache; only config, weights and tokenizer files)."""
+    """Local directory holding the checkpoint: ``name_or_path`` itself (``~`` expanded), a
+    shipped name, or a hub snapshot (fetched once into the HF cache; only config, weights and
+    tokenizer files)."""
     name = os.fspath(name_or_path)
-    if name in LOCAL_MODELS:
+    if name in LOCAL_MODELS and revision is None:
         return LOCAL_MODELS[name]
-    if os.path.isdir(name):
-        return name
-    if os.path.exists(name):
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
         raise CheckpointError(f"{name!r} is a file; pass the directory that contains it.")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not re.fullmatch(r"[\w.\-/]+", name):
         raise CheckpointError(f"No such model directory: {name!r} (and it is not a valid hub id).")
@@ -90,151 +102,163 @@ def resolve_checkpoint(name_or_path: str, *, cache_dir=None, revision=None,
                            local_files_only=local_files_only, allow_pickle=allow_pickle)
 
 
-def _weight_files(directory: str, allow_pickle: bool) -> Tuple[str, list]:
-    """Returns ("safetensors" | "pickle", file paths)."""
+def read_config(directory: str, ln_mode: str = "auto") -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint directory's ``config.json``."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise _missing_files_error(directory, ["config.json"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); download or write it again.") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; got {type(raw).__name__}.")
+    try:
+        return ModelConfig.from_hf_dict(raw, ln_mode=ln_mode)
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _weight_source(directory: str, allow_pickle: bool) -> TensorSource:
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(single):
-        return "safetensors", [single]
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
-        if missing:
-            raise _missing_files_error(directory, missing)
-        return "safetensors", [os.path.join(directory, s) for s in shards]
-    pkl = os.path.join(directory, PICKLE_FILE)
-    if os.path.exists(pkl):
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{directory} has only {PICKLE_FILE}, a pickle file: unpickling can run arbitrary "
-                "code. Convert it to safetensors, or pass allow_pickle=True if you trust its source.")
-        return "pickle", [pkl]
+    try:
+        if os.path.exists(single):
+            return SafetensorsSource([single])
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a "
+                                      f"'weight_map'): {e}.") from None
+            missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
+            if missing:
+                raise _missing_files_error(directory, missing)
+            return SafetensorsSource([os.path.join(directory, s) for s in shards])
+        pkl = os.path.join(directory, PICKLE_FILE)
+        if os.path.exists(pkl):
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{directory} has only {PICKLE_FILE}, a pickle file: unpickling can run "
+                    "arbitrary code. Convert it to safetensors, or pass allow_pickle=True "
+                    "(--allow_pickle) if you trust its source.")
+            return PickleSource(pkl)
+    except (TensorFileError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(str(e)) from None
     raise _missing_files_error(directory, ["model.safetensors"])
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+# ----------------------------------------------------------------------------- params
 
-
-def _iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """Reads one tensor at a time with plain file reads (no mmap), so that host memory holds at
-    most one tensor beyond what has already been moved to the device."""
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "BF16" \
-                else np.dtype(_ST_DTYPES[info["dtype"]])
-            start, end = info["data_offsets"]
-            arr = np.empty(info["shape"], dtype)
-            f.seek(base + start)
-            if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != end - start:
-                raise CheckpointError(f"{path}: truncated data for tensor {key!r}.")
-            yield key, arr
-
-
-def _iter_tensors(kind: str, files) -> Iterator[Tuple[str, np.ndarray]]:
-    if kind == "pickle":
-        from plateau_jax.model.pickle_weights import load_torch_state_dict
-        yield from load_torch_state_dict(files[0]).items()
-        return
-    for path in files:
-        yield from _iter_safetensors(path)
-
-
-def _normalise_key(key: str) -> Optional[str]:
-    """HF key -> our dotted path, or None for buffers we ignore."""
-    for prefix in ("transformer.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return None if _IGNORED.search(key) else key
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        out.update(_flatten(v, path + ".") if isinstance(v, dict) else {path: v})
-    return out
-
-
-def _unflatten(flat):
-    tree = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def load_params(directory: str, config: GPT2Config, dtype="float32", allow_pickle=False):
-    """Streams the checkpoint's tensors into a param tree matching ``config`` (see module doc)."""
-    dt = resolve_dtype(dtype)
-    expected = _flatten(abstract_params(config))
-    kind, files = _weight_files(directory, allow_pickle)
-    loaded = {}
-    for key, arr in _iter_tensors(kind, files):
-        name = _normalise_key(key)
-        if name is None:
+def _plan(source: TensorSource, cfg: ModelConfig, directory: str):
+    """``[(rule, [source names, one per layer or one])]``, after checking that the checkpoint
+    holds exactly the expected tensors with the expected shapes."""
+    fam = families.get(cfg.family)
+    rules = fam.tensor_rules(cfg)
+    wanted = {}
+    for r in rules:
+        for i in (range(cfg.n_layer) if r.per_layer else [None]):
+            wanted[r.key(i)] = r
+    found, unexpected = {}, []
+    for name in source.shapes:
+        key = next((name[len(p):] for p in fam.PREFIXES if name.startswith(p)), name)
+        if fam.IGNORED.search(key) or (key == "lm_head.weight" and cfg.tie_embeddings):
             continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: the unembedding is wte
-        if name not in expected:
-            raise CheckpointError(f"{directory}: unexpected tensor {key!r} for a GPT-2 with this config.")
-        if tuple(arr.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{directory}: tensor {key!r} has shape {tuple(arr.shape)}, but config.json implies "
-                f"{tuple(expected[name].shape)}.")
-        loaded[name] = jax.device_put(arr.astype(dt, copy=False))
-        del arr
-    missing = sorted(set(expected) - set(loaded))
+        if key in wanted:
+            found[key] = name
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensors {sorted(unexpected)[:8]} for a "
+                              f"{cfg.family} model with this config.json (wrong config?).")
+    missing = sorted(set(wanted) - set(found))
     if missing:
         raise CheckpointError(f"{directory}: checkpoint lacks tensors {missing[:8]}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else "") + ".")
-    return _unflatten(loaded)
+    for key, name in found.items():
+        if tuple(source.shapes[name]) != wanted[key].shape:
+            raise CheckpointError(
+                f"{directory}: tensor {name!r} has shape {tuple(source.shapes[name])}, but "
+                f"config.json implies {wanted[key].shape}.")
+    return [(r, [found[r.key(i)] for i in (range(cfg.n_layer) if r.per_layer else [None])])
+            for r in rules]
 
 
-def apply_center_writing_weights(params, config: GPT2Config):
+def _set(tree: dict, path, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _finite(buf: np.ndarray, names, dt, directory: str) -> None:
+    ok = np.array([np.isfinite(row.astype(np.float32, copy=False)).all()
+                   for row in buf.reshape(len(names), -1)])
+    if ok.all():
+        return
+    bad = [n for n, good in zip(names, ok) if not good]
+    raise CheckpointError(
+        f"{directory}: tensor(s) {bad[:4]} hold NaN or Inf after loading as {np.dtype(dt).name} "
+        "(a damaged checkpoint, or values too large for this dtype: try dtype float32).")
+
+
+def load_params(source: TensorSource, cfg: ModelConfig, dtype, directory: str = "checkpoint"):
+    """Streams ``source``'s tensors into the canonical, layer-stacked param tree on the device."""
+    dt = np.dtype(resolve_dtype(dtype))
+    params: dict = {}
+    for r, names in _plan(source, cfg, directory):
+        bufs: Dict[tuple, np.ndarray] = {}
+        for i, name in enumerate(names):
+            for path, part in r.split(source.read(name)).items():
+                if not r.per_layer:
+                    bufs[path] = np.asarray(part, dt)[None]
+                    continue
+                if path not in bufs:
+                    bufs[path] = np.empty((len(names),) + part.shape, dt)
+                bufs[path][i] = part
+        for path, buf in bufs.items():
+            _finite(buf, names, dt, directory)
+            _set(params, path, jax.device_put(buf if r.per_layer else buf[0]))
+        del bufs
+    return params
+
+
+def apply_center_writing_weights(params, config: ModelConfig):
     """TransformerLens' ``center_writing_weights``: remove the d_model-mean of every weight that
-    writes to the residual stream (wte, wpe, attention and MLP output projections and biases).
+    writes to the residual stream (W_E, W_pos, W_O, b_O, W_out, b_out).
 
     LayerNorm outputs and logits are unchanged (LayerNorm removes the mean anyway); residual
     vectors, their norms and angles, and residual Jacobians become those the study reported.
-    The unembedding keeps the uncentred ``wte`` (as ``lm_head``), so the returned config is
+    The unembedding keeps the uncentred ``W_E`` (as ``unembed/W_U``), so the returned config is
     untied. Returns (params, config); the input tree is not modified.
     """
     center = lambda a: a - a.mean(axis=-1, keepdims=True)
-    new = {k: v for k, v in params.items()}
-    if config.tie_word_embeddings:
-        new["lm_head"] = {"weight": params["wte"]["weight"]}
-    new["wte"] = {"weight": center(params["wte"]["weight"])}
-    new["wpe"] = {"weight": center(params["wpe"]["weight"])}
-    new["h"] = {}
-    for i, blk in params["h"].items():
-        blk = dict(blk)
-        for part in ("attn", "mlp"):
-            sub = dict(blk[part])
-            sub["c_proj"] = {k: center(v) for k, v in blk[part]["c_proj"].items()}
-            blk[part] = sub
-        new["h"][i] = blk
-    return new, config.__class__(**{**config.__dict__, "tie_word_embeddings": False})
+    new = dict(params)
+    if config.tie_embeddings:
+        new["unembed"] = {"W_U": params["embed"]["W_E"].T}
+    new["embed"] = {"W_E": center(params["embed"]["W_E"])}
+    if "pos_embed" in params:
+        new["pos_embed"] = {"W_pos": center(params["pos_embed"]["W_pos"])}
+    blocks = dict(params["blocks"])
+    for part, names in (("attn", ("W_O", "b_O")), ("mlp", ("W_out", "b_out"))):
+        blocks[part] = {k: center(v) if k in names else v for k, v in blocks[part].items()}
+    new["blocks"] = blocks
+    return new, config.replace(tie_embeddings=False)
 
 
-def _warn_if_identity_drops_affine(params, config: GPT2Config, tol: float = 1e-3) -> float:
+def _warn_if_identity_drops_affine(params, config: ModelConfig, tol: float = 1e-3) -> float:
     """With eps huge, LayerNorm is ~ (x - mean) * weight / sqrt(eps) + bias. Identity mode (the
     study's choice) drops that affine part; warn when it is not ~(1, 0). Returns the deviation."""
-    lns = [params["ln_f"]] + [blk[k] for blk in params["h"].values() for k in ("ln_1", "ln_2")]
-    scale = 1.0 / np.sqrt(config.layer_norm_epsilon)
-    dev = max(max(float(np.abs(np.asarray(ln["weight"], np.float64) * scale - 1).max()),
-                  float(np.abs(np.asarray(ln["bias"], np.float64)).max())) for ln in lns)
+    norms = [params["ln_final"], params["blocks"]["ln1"], params["blocks"]["ln2"]]
+    scale = 1.0 / np.sqrt(config.norm_eps)
+    dev = max(max(float(np.abs(np.asarray(n["w"], np.float64) * scale - 1).max()),
+                  float(np.abs(np.asarray(n["b"], np.float64)).max()) if "b" in n else 0.0)
+              for n in norms)
     if dev > tol:
         log.warning(
             "ln_mode='identity' drops LayerNorm affine parts that differ from the identity by up "
@@ -254,14 +278,18 @@ def _load_tokenizer(directory: str, require: bool):
     from transformers import AutoTokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(directory)
+        try:
+            return AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{directory}: the tokenizer files cannot be read ({e}).") from None
 
 
-def load_gpt2(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
-              center_writing_weights: bool = False, allow_pickle: bool = False,
-              require_tokenizer: bool = True, cache_dir: Optional[str] = None,
-              revision: Optional[str] = None, local_files_only: Optional[bool] = None) -> GPT2:
-    """Loads a GPT-2 checkpoint.
+def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
+               center_writing_weights: bool = False, allow_pickle: bool = False,
+               require_tokenizer: bool = True, matmul_precision: str = "highest",
+               cache_dir: Optional[str] = None, revision: Optional[str] = None,
+               local_files_only: Optional[bool] = None) -> Model:
+    """Loads a checkpoint.
 
     Args:
       name_or_path: a local directory, a hub id ("gpt2-large", "org/name"), or a shipped name.
@@ -271,23 +299,26 @@ def load_gpt2(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
       center_writing_weights: apply TransformerLens' centring (the study's numbers carry it).
       allow_pickle: accept a checkpoint with only ``pytorch_model.bin`` (unpickling can run code).
       require_tokenizer: raise if tokenizer files are missing (else ``.tokenizer`` is None).
+      matmul_precision: "highest" (exact float32 everywhere) or a faster setting by name.
       cache_dir, revision, local_files_only: passed to the hub download.
 
     Returns:
-      a :class:`GPT2` with ``.params``, ``.config``, ``.tokenizer``.
+      a :class:`Model` with ``.params``, ``.config``, ``.tokenizer``.
     """
     dt = resolve_dtype(dtype)
-    directory = resolve_checkpoint(name_or_path, cache_dir=cache_dir, revision=revision,
-                                   local_files_only=local_files_only, allow_pickle=allow_pickle)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise _missing_files_error(directory, ["config.json"])
+    check_precision(matmul_precision)
     if ln_mode not in ("auto", "normal", "identity"):
         raise ValueError(f"ln_mode={ln_mode!r}: expected 'auto', 'normal' or 'identity'.")
-    config = GPT2Config.from_json_file(config_path, ln_mode=ln_mode)
-    _weight_files(directory, allow_pickle)  # fail on missing weights before the tokenizer loads
+    directory = resolve_checkpoint(name_or_path, cache_dir=cache_dir, revision=revision,
+                                   local_files_only=local_files_only, allow_pickle=allow_pickle)
+    config = read_config(directory, ln_mode)
+    source = _weight_source(directory, allow_pickle)
+    _plan(source, config, directory)  # refuse a wrong checkpoint before the tokenizer loads
     tokenizer = _load_tokenizer(directory, require_tokenizer)
-    params = load_params(directory, config, dt, allow_pickle)
+    try:
+        params = load_params(source, config, dt, directory)
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
     if config.ln_mode == "identity":
         _warn_if_identity_drops_affine(params, config)
     if center_writing_weights:
@@ -296,29 +327,46 @@ def load_gpt2(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
                         "the outputs (TransformerLens skips it too).")
         else:
             params, config = apply_center_writing_weights(params, config)
-    return GPT2(params=params, config=config, tokenizer=tokenizer, name=os.fspath(name_or_path))
+    return Model(params=params, config=config, tokenizer=tokenizer, name=os.fspath(name_or_path),
+                 matmul_precision=matmul_precision)
 
 
-def save_gpt2(model: GPT2, directory: str) -> str:
-    """Writes ``config.json`` + ``model.safetensors`` (HF key names, ``transformer.`` prefix) and
-    the tokenizer files into ``directory``, each file atomically; returns the directory."""
+def save_model(model: Model, directory: str) -> str:
+    """Writes ``config.json`` + ``model.safetensors`` (the family's HF names) and the tokenizer
+    files into ``directory``, each file atomically; returns the directory."""
     from safetensors.numpy import save_file
 
+    cfg = model.config
+    fam = families.get(cfg.family)
     os.makedirs(directory, exist_ok=True)
-    flat = _flatten(jax.device_get(model.params))
+    host = jax.device_get(model.params)
+
+    def getter(i):
+        def get(path):
+            node = host
+            for p in path:
+                node = node[p]
+            arr = np.asarray(node if i is None else node[i])
+            return arr.astype(np.float32) if arr.dtype == jnp.bfloat16 else arr
+        return get
+
     tensors = {}
-    for k, v in flat.items():
-        arr = np.asarray(v)
-        if arr.dtype == jnp.bfloat16:
-            arr = arr.astype(np.float32)
-        tensors[k if k.startswith("lm_head") else "transformer." + k] = np.ascontiguousarray(arr)
+    for r in fam.tensor_rules(cfg):
+        for i in (range(cfg.n_layer) if r.per_layer else [None]):
+            key = r.key(i)
+            tensors[fam.save_prefix(key) + key] = np.ascontiguousarray(r.join(getter(i)))
     tmp = os.path.join(directory, ".model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(directory, "model.safetensors"))
     tmp = os.path.join(directory, ".config.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(model.config.to_hf_dict(), f, indent=2)
+        json.dump(cfg.to_hf_dict(), f, indent=2)
     os.replace(tmp, os.path.join(directory, "config.json"))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)
     return directory
+
+
+# The names the first release used.
+load_gpt2 = load_model
+save_gpt2 = save_model

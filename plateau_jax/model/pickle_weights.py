@@ -60,12 +60,26 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """``{name: array}`` from a torch zip checkpoint (torch >= 1.6 format)."""
+    """``{name: array}`` from a torch zip checkpoint (torch >= 1.6 format).
+
+    Raises ``ValueError`` naming the file when it is not such a checkpoint or holds anything
+    but plain tensors."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a zip-format PyTorch checkpoint (legacy format unsupported).")
+        raise ValueError(f"{path} is not a zip-format PyTorch checkpoint (the legacy format is "
+                         "not supported); convert it to safetensors.")
     with zipfile.ZipFile(path) as zf:
-        pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+        pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+        if pkl is None:
+            raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (no data.pkl "
+                             "inside); convert it to safetensors.")
         root = pkl[: -len("/data.pkl")]
-        with zf.open(pkl) as f:
-            state = _StateDictUnpickler(f, zf, root).load()
+        try:
+            with zf.open(pkl) as f:
+                state = _StateDictUnpickler(f, zf, root).load()
+        except (pickle.UnpicklingError, KeyError, EOFError) as e:
+            raise ValueError(f"{path}: {e}. Only plain tensor state dicts are read; convert the "
+                             "checkpoint to safetensors.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ValueError(f"{path} does not hold a plain tensor state dict; convert it to "
+                         "safetensors.")
     return {k: np.asarray(v) for k, v in state.items()}

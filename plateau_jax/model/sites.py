@@ -1,23 +1,40 @@
-"""Activation-site names (TransformerLens legacy hook names) and their validation."""
+"""Activation-site names (TransformerLens legacy hook names): validation, order, shapes.
+
+A full site name is ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_normalized`` or
+``blocks.{layer}.{local}`` with ``local`` one of :data:`BLOCK_SITES`. Where a computation enters
+the model is an *entry*: a residual site (``resid_pre``, ``resid_mid``, ``resid_post``) of a
+layer, numbered in half-blocks (:func:`entry_index`) so that it can be a runtime value.
+"""
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
-from plateau_jax.model.config import GPT2Config
+from plateau_jax.model.config import ModelConfig
 
-BLOCK_SITES = (
-    "hook_resid_pre", "ln1.hook_normalized", "attn.hook_pattern", "hook_attn_out",
-    "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out",
-    "hook_resid_post",
+# Local names in execution order, each with the half-block that computes it: "attn" (ln1 ...
+# hook_attn_out), "mlp" (ln2 ... hook_mlp_out), or a residual site between halves.
+_BLOCK = (
+    ("hook_resid_pre", "resid"), ("ln1.hook_normalized", "attn"), ("attn.hook_q", "attn"),
+    ("attn.hook_k", "attn"), ("attn.hook_v", "attn"), ("attn.hook_pattern", "attn"),
+    ("attn.hook_z", "attn"), ("hook_attn_out", "attn"), ("hook_resid_mid", "resid"),
+    ("ln2.hook_normalized", "mlp"), ("mlp.hook_pre", "mlp"), ("mlp.hook_pre_linear", "mlp"),
+    ("mlp.hook_post", "mlp"), ("hook_mlp_out", "mlp"), ("hook_resid_post", "resid"),
 )
+BLOCK_SITES = tuple(name for name, _ in _BLOCK)
+HALF = dict(_BLOCK)
 GLOBAL_SITES_IN = ("hook_embed", "hook_pos_embed")
 GLOBAL_SITES_OUT = ("ln_final.hook_normalized",)
-# Order of sites inside a block: a continuation starting at one cannot record earlier ones.
-_BLOCK_ORDER = {name: i for i, name in enumerate(BLOCK_SITES)}
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+# Short names accepted wherever a per-layer component is asked for.
+SHORT_NAMES = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
+               "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
+               "mlp_out": "hook_mlp_out", "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
+               "mlp_pre_linear": "mlp.hook_pre_linear", "pattern": "attn.hook_pattern",
+               "ln1": "ln1.hook_normalized", "ln2": "ln2.hook_normalized", "q": "attn.hook_q",
+               "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z"}
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -27,58 +44,140 @@ class UnknownSiteError(KeyError):
         return str(self.args[0])
 
 
-def site(layer: int, name: str) -> str:
-    """``site(3, "resid_post") == "blocks.3.hook_resid_post"``; accepts the short or hook form."""
-    name = name if name.startswith(("hook_", "ln1.", "ln2.", "attn.", "mlp.")) else "hook_" + name
-    return f"blocks.{layer}.{name}"
+def local_name(component: str) -> str:
+    """``"mlp_pre"`` -> ``"mlp.hook_pre"``; full local names pass through unchanged."""
+    name = SHORT_NAMES.get(component, component)
+    if name not in HALF:
+        raise UnknownSiteError(
+            f"Unknown block component {component!r}; use one of {sorted(SHORT_NAMES)} or a "
+            f"TransformerLens local hook name ({', '.join(BLOCK_SITES)}).")
+    return name
 
 
-def all_sites(config: GPT2Config) -> Tuple[str, ...]:
+def site_name(layer: int, component: str) -> str:
+    """``site_name(3, "resid_post") == "blocks.3.hook_resid_post"`` (short or local names)."""
+    return f"blocks.{int(layer)}.{local_name(component)}"
+
+
+def block_sites(config: ModelConfig) -> Tuple[str, ...]:
+    """The local site names a block of this model has, in execution order."""
+    out = []
+    for name in BLOCK_SITES:
+        if name == "hook_resid_mid" and not config.has_resid_mid:
+            continue
+        if name == "mlp.hook_pre_linear" and not config.gated_mlp:
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def all_sites(config: ModelConfig) -> Tuple[str, ...]:
     """Every valid site name of a model, in execution order."""
-    out = list(GLOBAL_SITES_IN)
-    for i in range(config.n_layer):
-        out += [f"blocks.{i}.{n}" for n in BLOCK_SITES]
-    return tuple(out + list(GLOBAL_SITES_OUT))
+    head = list(GLOBAL_SITES_IN if config.positional == "learned" else GLOBAL_SITES_IN[:1])
+    local = block_sites(config)
+    body = [f"blocks.{i}.{n}" for i in range(config.n_layer) for n in local]
+    return tuple(head + body + list(GLOBAL_SITES_OUT))
 
 
-def parse_site(name: str, config: GPT2Config):
-    """Returns (layer or None, local name); raises UnknownSiteError with the closest valid name."""
+def parse_site(name: str, config: ModelConfig) -> Tuple[int, str]:
+    """``(layer, local name)``, layer -1 for global sites; raises :class:`UnknownSiteError`
+    with the closest valid name."""
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_ORDER:
+    if m and m.group(2) in block_sites(config):
         layer = int(m.group(1))
         if layer >= config.n_layer:
             raise UnknownSiteError(
                 f"Site {name!r}: layer {layer} is out of range; this model has layers "
                 f"0..{config.n_layer - 1}.")
         return layer, m.group(2)
-    if name in GLOBAL_SITES_IN or name in GLOBAL_SITES_OUT:
-        return None, name
+    if name in all_sites(config) and not m:
+        return -1, name
+    if m and m.group(2) == "hook_resid_mid":
+        raise UnknownSiteError(
+            f"Site {name!r}: this model has a parallel residual (attention and MLP both read "
+            "resid_pre), so there is no resid_mid.")
     close = difflib.get_close_matches(name, all_sites(config), n=1, cutoff=0.0)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownSiteError(
         f"Unknown activation site {name!r}.{hint} Valid names are TransformerLens legacy hook "
-        f"names: {', '.join(GLOBAL_SITES_IN)}, blocks.{{i}}.<{'|'.join(BLOCK_SITES)}>, "
+        f"names: {', '.join(GLOBAL_SITES_IN)}, blocks.{{i}}.<{'|'.join(block_sites(config))}>, "
         f"{GLOBAL_SITES_OUT[0]}.")
 
 
-def validate_sites(names: Iterable[str], config: GPT2Config) -> Tuple[str, ...]:
+def check_layer(layer, config: ModelConfig, what: str = "layer") -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < config.n_layer:
+        raise ValueError(
+            f"{what}={layer!r} is out of range: this model has layers 0..{config.n_layer - 1}.")
+    return int(layer)
+
+
+# ----------------------------------------------------------------------------- order
+
+def entry_index(layer: int, site: str, config: ModelConfig) -> int:
+    """Half-block index of an entry point: ``2 layer`` for resid_pre, ``2 layer + 1`` for
+    resid_mid, ``2 layer + 2`` for resid_post (the next layer's resid_pre). Blocks whose
+    attention half has index >= the entry run; the rest are skipped."""
+    check_layer(layer, config)
+    if site not in RESIDUAL_SITES:
+        raise ValueError(f"entry site {site!r}: expected one of {RESIDUAL_SITES}.")
+    if site == "resid_mid" and not config.has_resid_mid:
+        raise ValueError("this model has a parallel residual: there is no resid_mid to enter at; "
+                         "use resid_pre or resid_post.")
+    return 2 * layer + RESIDUAL_SITES.index(site)
+
+
+def site_index(layer: int, local: str, config: ModelConfig) -> int:
+    """The half-block index at which a site is computed (comparable with :func:`entry_index`):
+    a site can be recorded or patched by a call entering at ``e`` iff its index is >= ``e``."""
+    if layer < 0:
+        return -1 if local in GLOBAL_SITES_IN else 2 * config.n_layer + 1
+    half = HALF[local]
+    if half == "resid":
+        return 2 * layer + {"hook_resid_pre": 0, "hook_resid_mid": 1, "hook_resid_post": 2}[local]
+    return 2 * layer + (1 if half == "mlp" and not config.parallel_residual else 0)
+
+
+def first_layer_after(layer: int, site: str) -> int:
+    """First block that runs after entering at ``blocks.{layer}.hook_{site}``."""
+    return layer + 1 if site == "resid_post" else layer
+
+
+def group_by_local(names: Iterable[str], config: ModelConfig) -> Tuple[Dict[str, List[int]], List[str]]:
+    """Splits full site names into ``{local: sorted layers}`` and the global names (sorted);
+    every name is validated."""
+    per_local: Dict[str, set] = {}
+    glob = set()
+    for n in names:
+        layer, local = parse_site(n, config)
+        if layer < 0:
+            glob.add(local)
+        else:
+            per_local.setdefault(local, set()).add(layer)
+    return {k: sorted(v) for k, v in sorted(per_local.items())}, sorted(glob)
+
+
+def site_shape(local: str, config: ModelConfig, batch: int, new: int, keys: int) -> Tuple[int, ...]:
+    """Shape of a block site's value for ``batch`` rows of ``new`` positions attending to
+    ``keys`` keys (``attn.hook_pattern`` only)."""
+    if local == "attn.hook_pattern":
+        return (batch, config.n_head, new, keys)
+    if local in ("attn.hook_q", "attn.hook_z"):
+        return (batch, new, config.n_head, config.d_head)
+    if local in ("attn.hook_k", "attn.hook_v"):
+        return (batch, new, config.n_kv_head, config.d_head)
+    if local.startswith("mlp.hook_"):
+        return (batch, new, config.d_mlp)
+    return (batch, new, config.d_model)
+
+
+def position_axis(local: str) -> int:
+    """Axis of the new positions in a site's value (see :func:`site_shape`)."""
+    return 2 if local == "attn.hook_pattern" else 1
+
+
+def validate_sites(names: Sequence[str], config: ModelConfig) -> Tuple[str, ...]:
     """Checks every name (see :func:`parse_site`) and returns them as a sorted tuple."""
     names = tuple(sorted(set(names)))
     for n in names:
         parse_site(n, config)
     return names
-
-
-def site_position(name: str, config: GPT2Config) -> Tuple[int, int]:
-    """A sortable (layer, order) key: where a site falls in the forward pass."""
-    layer, local = parse_site(name, config)
-    if layer is None:
-        return (-1, 0) if local in GLOBAL_SITES_IN else (config.n_layer, 0)
-    return layer, _BLOCK_ORDER[local]
-
-
-def check_layer(layer: int, config: GPT2Config, what: str = "layer") -> int:
-    if not isinstance(layer, (int,)) or isinstance(layer, bool) or not 0 <= layer < config.n_layer:
-        raise ValueError(
-            f"{what}={layer!r} is out of range: this model has layers 0..{config.n_layer - 1}.")
-    return int(layer)

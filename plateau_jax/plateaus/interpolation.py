@@ -14,19 +14,19 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from plateau_jax.plateaus import paths as paths_lib
 from plateau_jax.model import sites as sites_lib
-from plateau_jax.model.forward import Prefix, continue_from, embed_last
+from plateau_jax.model.core import KVCache
+from plateau_jax.model.forward import continue_stacked, embed_next_token
 from plateau_jax.model.interventions import COMPONENTS
-from plateau_jax.model.model import GPT2
+from plateau_jax.model.model import Model
+from plateau_jax.plateaus import paths as paths_lib
 
 # Per-layer components recorded by default (short site names, see plateau_jax.sites).
 DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
-_SHORT = {"mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post"}
+_FREEZABLE = ("hook_attn_out", "hook_mlp_out")
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,9 +58,9 @@ def check_endpoints_finite(a, b, where: str, dtype) -> None:
 
 
 def component_site(layer: int, component: str) -> str:
-    """``component_site(3, "mlp_pre") == "blocks.3.mlp.hook_pre"``; other names as
-    :func:`plateau_jax.sites.site` (``"resid_post"`` -> ``blocks.3.hook_resid_post``)."""
-    return sites_lib.site(layer, _SHORT.get(component, component))
+    """``component_site(3, "mlp_pre") == "blocks.3.mlp.hook_pre"`` (see
+    :func:`plateau_jax.model.sites.site_name`)."""
+    return sites_lib.site_name(layer, component)
 
 
 def check_alpha(alpha) -> np.ndarray:
@@ -77,37 +77,37 @@ def check_alpha(alpha) -> np.ndarray:
     return alpha
 
 
-def first_downstream_layer(layer: int, site: str) -> int:
-    """First block that runs after entering at ``blocks.{layer}.hook_{site}``."""
-    return layer + 1 if site == "resid_post" else layer
+first_downstream_layer = sites_lib.first_layer_after
 
 
 def _width(component: str, config) -> int:
-    return config.n_inner if component in ("mlp_pre", "mlp_post") else config.n_embd
+    return config.d_mlp if sites_lib.local_name(component).startswith("mlp.") else config.d_model
 
 
 def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
-    """Whether ``component`` of ``layer`` runs before the entry point (so cannot be recorded)."""
+    """Whether ``component`` of ``layer`` (a layer at or after the entry's) runs before the entry
+    point, so cannot be recorded: the attention half of the layer entered at resid_mid."""
+    local = sites_lib.local_name(component)
     return (layer == entry_layer and entry_site == "resid_mid"
-            and component in ("resid_pre", "ln1.hook_normalized", "attn_out", "attn.hook_pattern"))
+            and (sites_lib.HALF[local] == "attn" or local == "hook_resid_pre"))
 
 
-def endpoint_activations(model: GPT2, prefix: Prefix, tokens, layers: Sequence[int],
-                         site: str = "resid_post") -> jax.Array:
+def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[int],
+                         site: str = "resid_post") -> np.ndarray:
     """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token, in one call.
 
     Args:
-      prefix: the context's cache (unbatched).
+      cache: the context's cache (one context).
       tokens: int ids ``[M]`` of endings.
       layers: layers to record.
 
     Returns:
       ``[len(layers), M, d]`` (residual units).
     """
-    names = [sites_lib.site(sites_lib.check_layer(int(l), model.config), site) for l in layers]
-    x0 = embed_last(model, prefix, jnp.asarray(tokens, jnp.int32))
-    _, rec = continue_from(model, prefix, x0, 0, "resid_pre", sites=names)
-    return jnp.stack([rec[n] for n in names])
+    layers = [sites_lib.check_layer(int(l), model.config) for l in layers]
+    x0 = embed_next_token(model, cache, np.asarray(tokens, np.int32))
+    _, rec = continue_stacked(model, cache, x0, 0, "resid_pre", record={site: layers})
+    return np.asarray(rec[site])[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,19 +128,19 @@ class InterpolationRun:
     layer: int
     site: str
     alpha: np.ndarray
-    x: jax.Array
+    x: np.ndarray
     layers: Tuple[int, ...]
-    acts: Dict[str, jax.Array]
-    logits: Optional[jax.Array]
+    acts: Dict[str, np.ndarray]
+    logits: Optional[np.ndarray]
 
-    def act(self, component: str, layer: int) -> jax.Array:
+    def act(self, component: str, layer: int) -> np.ndarray:
         """``batch + (n, X)``: one component of one recorded layer."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not recorded; recorded layers: {self.layers}.")
         return self.acts[component][..., self.layers.index(layer), :, :]
 
 
-def interpolation_run(model: GPT2, prefix: Prefix, a, b, layer: int, alpha, *,
+def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
                       path: str = "slerp", site: str = "resid_post",
                       components: Sequence[str] = DEFAULT_COMPONENTS,
                       layers: Optional[Sequence[int]] = None, logits: bool = True,
@@ -176,31 +176,38 @@ def interpolation_run(model: GPT2, prefix: Prefix, a, b, layer: int, alpha, *,
                          f"choose from {first}..{cfg.n_layer - 1}.")
     # The path in float64 on the host, cast once to the model dtype (paths.interpolate_host).
     check_endpoints_finite(a, b, f"blocks.{layer}.hook_{site}", model.dtype)
-    x = jnp.asarray(paths_lib.interpolate_host(a, b, alpha, path, dtype=model.dtype))
-    batch = x.shape[:-2]
-    if prefix.batched:
-        if len(batch) != 1 or batch[0] != prefix.keys.shape[0]:
-            raise ValueError(f"a batched prefix of {prefix.keys.shape[0]} contexts needs a, b of "
-                             f"shape [{prefix.keys.shape[0]}, d]; got {tuple(batch) + (x.shape[-1],)}.")
-        flat = lambda t: t
+    x = paths_lib.interpolate_host(a, b, alpha, path, dtype=model.dtype)  # batch + (n, d)
+    batch, d = x.shape[:-2], x.shape[-1]
+    if prefix.batch == 1:  # every path shares the one context: all rows in one batch entry
+        rows = lambda t: np.reshape(t, (1, -1) + t.shape[len(batch) + 1:])
+    elif batch == (prefix.batch,):
+        rows = lambda t: t
     else:
-        flat = lambda t: jnp.reshape(t, (-1,) + t.shape[len(batch) + 1:])
-    unflat = lambda t: jnp.reshape(t, batch + (alpha.size,) + t.shape[-1:])
-    names = {(c, l): component_site(l, c) for c in components for l in layers
-             if not _upstream(l, c, layer, site)}
-    out_logits, rec = continue_from(
-        model, prefix, flat(x), layer, site, sites=sorted(set(names.values())),
-        patches={k: flat(jnp.asarray(v)) for k, v in dict(patches or {}).items()})
-
-    def value(c, l):  # NaN for a component upstream of the entry (attn_out entering at resid_mid)
-        if (c, l) in names:
-            return unflat(rec[names[c, l]])
-        return jnp.full(batch + (alpha.size, _width(c, cfg)), jnp.nan, model.dtype)
-
-    acts = {c: (jnp.stack([value(c, l) for l in layers], axis=-3) if layers else
-                jnp.zeros(batch + (0, alpha.size, _width(c, cfg)), model.dtype)) for c in components}
+        raise ValueError(f"a cache of {prefix.batch} contexts needs a, b of shape "
+                         f"[{prefix.batch}, d]; got {tuple(batch) + (d,)}.")
+    unrows = lambda t: np.reshape(t, batch + (alpha.size,) + t.shape[2:])
+    stacked = {}
+    for name, value in dict(patches or {}).items():
+        l, local = sites_lib.parse_site(name, cfg)
+        stacked.setdefault(local, []).append((l, rows(np.asarray(value))))
+    stacked = {c: ([l for l, _ in v], np.stack([t for _, t in v])) for c, v in stacked.items()}
+    if stacked and set(stacked) <= set(_FREEZABLE):
+        # Freezing either component runs the same program: the other gets an inactive patch.
+        like = np.zeros_like(next(iter(stacked.values()))[1])
+        for c in _FREEZABLE:
+            stacked.setdefault(c, ([], like))
+    # Every layer is recorded (rows upstream of the entry come back NaN): one compiled program
+    # serves every interpolation layer.
+    everything = list(range(cfg.n_layer))
+    out_logits, rec = continue_stacked(model, prefix, rows(x), layer, site,
+                                       record={c: everything for c in components},
+                                       patches=stacked)
+    pick = np.asarray(layers, np.int32)
+    acts = {c: np.moveaxis(np.asarray(rec[c])[pick].reshape(
+        (len(layers),) + batch + (alpha.size,) + rec[c].shape[3:]), 0, len(batch))
+            for c in components}
     run = InterpolationRun(layer, site, alpha, x, layers, acts,
-                           unflat(out_logits) if logits else None)
+                           unrows(np.asarray(out_logits)) if logits else None)
     if check_finite:
         check_run_finite(run)
     return run
@@ -242,7 +249,7 @@ def check_run_finite(run: InterpolationRun) -> None:
 
 
 def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
-                   layers: Optional[Sequence[int]] = None) -> Dict[str, jax.Array]:
+                   layers: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """Patches that freeze ``attn_out`` or ``mlp_out`` at the last position, from a clean run.
 
     For each layer ``l`` (default: every recorded layer of ``run``, i.e. every layer after the
@@ -264,17 +271,17 @@ def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
         raise ValueError(f"freezing {component!r} needs a run that recorded {key!r} "
                          "(components 'attn_out' and 'mlp_out' are recorded by default).")
     layers = run.layers if layers is None else tuple(int(l) for l in layers)
-    alpha = jnp.asarray(run.alpha, run.acts[key].dtype)[:, None]
+    alpha = np.asarray(run.alpha, run.acts[key].dtype)[:, None]
     values = {}
     for l in layers:
         if _upstream(l, key, run.layer, run.site):
             continue  # entering at resid_mid skips that layer's attention
         v = run.act(key, l)  # batch + (n, d)
         if mode == "mean":
-            f = jnp.mean(v, axis=-2, keepdims=True)
+            f = np.mean(v, axis=-2, keepdims=True)
         elif mode == "endpoint_a":
             f = v[..., :1, :]
         else:
             f = v[..., :1, :] + alpha * (v[..., -1:, :] - v[..., :1, :])
-        values[component_site(l, key)] = jnp.broadcast_to(f, v.shape)
+        values[component_site(l, key)] = np.broadcast_to(f, v.shape)
     return values

@@ -2,7 +2,8 @@
 
 Data parallel over pairs: a 1-D mesh ``("pairs",)`` over every device (all hosts' under
 ``jax.distributed``), params and Gram matrices replicated, each device running the same program on
-its slice of the batch via ``shard_map``. One call per batch does, for every pair: the context's
+its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
+layer: the layer is a runtime value) does, for every pair: the context's
 keys/values (right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``,
 the ``n`` interpolated vectors through layers ``L+1..``, the reductions of :mod:`.stats` and the
 bisection of :mod:`.refine`; only small curves leave the device.
@@ -19,20 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from plateau_jax.plateaus import paths as paths_lib
-from plateau_jax.model import sites as sites_lib
-from plateau_jax.model.forward import _continue_impl, _prefix_impl
-from plateau_jax.model.model import GPT2
 from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams
+from plateau_jax.model import core
+from plateau_jax.model import sites as sites_lib
+from plateau_jax.model.model import Model
+from plateau_jax.plateaus import paths as paths_lib
 from plateau_jax.sweep import refine, stats
 
 COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
-_HOOK = {"mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post"}
 AXIS = "pairs"
-
-
-def component_site(layer: int, component: str) -> str:
-    return sites_lib.site(layer, _HOOK.get(component, component))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,76 +82,62 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def _pair_curves(params, grams, prefix, tok_a, tok_b, *, config, layer, spec: SweepSpec):
-    """Curves of one pair (unbatched ``prefix``); see :func:`plateau_jax.sweep.stats.pair_stats`."""
-    dtype = params["wte"]["weight"].dtype
+def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: SweepSpec):
+    """Curves of one pair (``prefix`` a cache of one context); see
+    :func:`plateau_jax.sweep.stats.pair_stats`. Every per-layer curve has a row for every layer
+    (NaN before the first layer after the interpolation site), then the logits."""
+    dtype = params["embed"]["W_E"].dtype
     alpha = spec.alpha
-    entry = sites_lib.site(layer, "resid_post")
+    L = config.n_layer
+    layer = entry // 2 - 1  # interpolation at blocks.{layer}.hook_resid_post
+    every = range(L)
+    component = sites_lib.local_name(spec.component)
     # Endpoints: context + token A / B, up to blocks.L.hook_resid_post, one call for both.
-    toks = jnp.stack([tok_a, tok_b])
-    x0 = (jnp.take(params["wte"]["weight"], toks, axis=0)
-          + jnp.take(params["wpe"]["weight"], prefix.length, axis=0))
-    _, rec = _continue_impl(params, prefix, x0, {}, config, 0, "resid_pre", (entry,), ())
-    a, b = rec[entry][0].astype(jnp.float32), rec[entry][1].astype(jnp.float32)
-    layers = list(range(layer + 1, config.n_layer))
-    ysites = [component_site(l, spec.component) for l in layers]
-    pres = [component_site(l, "mlp_pre") for l in layers]
-    mids = [component_site(l, "resid_mid") for l in layers]
-    sites = tuple(sorted(set(ysites + pres + mids)))
+    x0 = core.embed_next(params, config, prefix, jnp.stack([tok_a, tok_b])[None])
+    iv = core.record_layers({"hook_resid_post": every}, L)
+    _, rec = core.continue_from(params, config, prefix, x0, 0, iv)
+    ends = jax.lax.dynamic_index_in_dim(rec["hook_resid_post"], layer, 0, keepdims=False)[0]
+    a, b = ends[0].astype(jnp.float32), ends[1].astype(jnp.float32)
+    curves_iv = core.record_layers({component: every, "mlp.hook_pre": every,
+                                    "hook_resid_mid": every}, L)
+    refine_iv = core.record_layers({component: every}, L)
 
-    def run(alphas):
+    def run(alphas, iv):
         # Stable float32 slerp (NaN for antiparallel endpoints: the pair is reported as failed).
         x = paths_lib.interpolate(a, b, alphas, spec.path).astype(dtype)  # [N, d]
-        return _continue_impl(params, prefix, x, {}, config, layer, "resid_post", sites, ())
+        lg, rc = core.continue_from(params, config, prefix, x[None], entry, iv)
+        return lg[0].astype(jnp.float32), {k: v[:, 0] for k, v in rc.items()}
 
-    logits, rec = run(alpha)
-    logits = logits.astype(jnp.float32)
-    f32 = lambda s: rec[s].astype(jnp.float32)
-    r_list, d_list, step_list = [], [], []
-    if layers:
-        Y = jnp.stack([f32(s) for s in ysites])  # [nl, n, X]
-        r_list.append(stats.rel_distance(Y))
-        d_list.append(stats.dist_curve(Y))
-        step_list.append(stats.step_norms(Y))
-        mid = jnp.stack([f32(s) for s in mids])  # [nl, n, d]
-        jac = jnp.stack([mlp_frobenius_gram(params["h"][str(l)], config, mid[i],
-                                                     grams[str(l)]) for i, l in enumerate(layers)])
-        ham = stats.hamming_steps(jnp.stack([rec[s] for s in pres]))
-        mid_step = stats.step_norms(mid)
-    else:
-        n = alpha.size
-        jac, ham, mid_step = (jnp.zeros((0, n)), jnp.zeros((0, n - 1)), jnp.zeros((0, n - 1)))
-    r_list.append(stats.rel_distance(logits)[None])
-    d_list.append(stats.dist_curve(logits)[None])
-    step_list.append(stats.step_norms(logits)[None])
-    r = jnp.concatenate(r_list)  # [T, n]
+    logits, rec = run(alpha, curves_iv)
+    Y = rec[component].astype(jnp.float32)  # [L, n, X]
+    mid = rec["hook_resid_mid"].astype(jnp.float32)  # [L, n, d]
+    jac = jax.vmap(lambda bp, h, M: mlp_frobenius_gram(bp, config, h, {"M": M}))(
+        params["blocks"], mid, grams)
+    r = jnp.concatenate([stats.rel_distance(Y), stats.rel_distance(logits)[None]])  # [L + 1, n]
+    dist = jnp.concatenate([stats.dist_curve(Y), stats.dist_curve(logits)[None]])
+    step = jnp.concatenate([stats.step_norms(Y), stats.step_norms(logits)[None]])
     lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V]
-    out = dict(r=r, dist=jnp.concatenate(d_list), step=jnp.concatenate(step_list),
-               jac=jac.astype(jnp.float32), hamming=ham, mid_step=mid_step,
+    out = dict(r=r, dist=dist, step=step, jac=jac.astype(jnp.float32),
+               hamming=stats.hamming_steps(rec["mlp.hook_pre"]), mid_step=stats.step_norms(mid),
                kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
                kl_next=stats.kl_logp(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
 
-    # Extra rows: row i serves target tgt[i] (layers in order, then the logits).
-    T = r.shape[0]
-    nl = len(layers)
-    if layers:
-        y0, y1 = Y[:, 0], Y[:, -1]
+    # Extra rows: row i serves target tgt[i] (the L layers, then the logits).
+    y0, y1 = Y[:, 0], Y[:, -1]
 
     def measure(m, tgt):
         """r, d and log-probabilities at alphas ``m`` [R], row i measured on target tgt[i]."""
-        lg, rc = run(m)  # [R, V], {site: [R, X]}
-        lg = lg.astype(jnp.float32)
-        r_m = stats.rel_distance_to(lg, logits[0], logits[-1])
-        d_m = stats.dist_to(lg, logits[0], logits[-1])
-        if layers:
-            t = jnp.clip(tgt, 0, nl - 1)
-            Ym = jnp.stack([rc[s].astype(jnp.float32) for s in ysites])  # [nl, R, X]
-            sel = Ym[t, jnp.arange(m.shape[0])]  # [R, X]
-            r_m = jnp.where(tgt < nl, stats.rel_distance_to(sel, y0[t], y1[t]), r_m)
-            d_m = jnp.where(tgt < nl, stats.dist_to(sel, y0[t], y1[t]), d_m)
+        lg, rc = run(m, refine_iv)  # [R, V], {site: [L, R, X]}
+        t = jnp.clip(tgt, 0, L - 1)
+        sel = rc[component].astype(jnp.float32)[t, jnp.arange(m.shape[0])]  # [R, X]
+        on_layer = tgt < L
+        r_m = jnp.where(on_layer, stats.rel_distance_to(sel, y0[t], y1[t]),
+                        stats.rel_distance_to(lg, logits[0], logits[-1]))
+        d_m = jnp.where(on_layer, stats.dist_to(sel, y0[t], y1[t]),
+                        stats.dist_to(lg, logits[0], logits[-1]))
         return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
 
-    targets = jnp.arange(T)
+    targets = jnp.arange(L + 1)
     kstar, br = refine.steepest_step(r, alpha)
     br = br._replace(aux_lo=lp[kstar], aux_hi=lp[kstar + 1])
 
@@ -169,28 +151,46 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, *, config, layer, spec: Sw
     # The fixed-width window around the refined boundary: both ends evaluated exactly.
     lo, hi = refine.window(br, spec.sharpness_width)
     r_w, d_w, _ = measure(jnp.concatenate([lo, hi]), jnp.concatenate([targets, targets]))
+    T = L + 1
     out.update(win_lo=lo, win_hi=hi, win_r_lo=r_w[:T], win_r_hi=r_w[T:], win_d_lo=d_w[:T],
                win_d_hi=d_w[T:])
-    # NaN-tolerant curves (r and d are NaN where a target does not move) are left out.
-    skip = ("r", "dist", "kstar", "ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo",
-            "win_d_hi")
-    out["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for k, v in out.items()
-                                       if k not in skip] + [jnp.all(jnp.isfinite(logits))]))
+    downstream = jnp.arange(L + 1) > layer  # targets: layers, then the logits
+    rows = {k: downstream for k in ("r", "dist", "step", "ref_lo", "ref_hi", "ref_kl", "win_lo",
+                                    "win_hi")}
+    rows.update({"jac": downstream[:L], "hamming": downstream[:L], "mid_step": downstream[:L]})
+    # r and d may be NaN where a target does not move; those are not failures.
+    nan_ok = ("r", "dist", "kstar", "ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo",
+              "win_d_hi")
+    checked = [jnp.where(rows[k].reshape(rows[k].shape + (1,) * (v.ndim - 1)), v, 0.0)
+               if k in rows else v for k, v in out.items() if k not in nan_ok]
+    out["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]
+                                      + [jnp.all(jnp.isfinite(logits))]))
+    for k in ("ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo", "win_d_hi"):
+        rows[k] = downstream
+    for k, keep in rows.items():  # targets not downstream of the interpolation: NaN
+        out[k] = jnp.where(keep.reshape(keep.shape + (1,) * (out[k].ndim - 1)), out[k], jnp.nan)
     return out
 
 
-def _batch_curves(params, grams, ids, lengths, tok_a, tok_b, *, config, layer, spec):
-    prefix = _prefix_impl(params, ids, lengths, config, ())
-    fn = functools.partial(_pair_curves, config=config, layer=layer, spec=spec)
-    return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(params, grams, prefix, tok_a, tok_b)
+def _batch_curves(params, grams, ids, lengths, tok_a, tok_b, entry, *, config, spec):
+    cache = core.prefix(params, config, ids, lengths)
+    one = lambda c: core.KVCache(c.keys[:, None], c.values[:, None], c.mask[None], c.length[None])
+    fn = lambda c, ta, tb: _pair_curves(params, grams, one(c), ta, tb, entry, config=config,
+                                        spec=spec)
+    axes = core.KVCache(keys=1, values=1, mask=0, length=0)
+    return jax.vmap(fn, in_axes=(axes, 0, 0))(cache, tok_a, tok_b)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config, layer: int, spec: SweepSpec, mesh: Mesh):
-    """One jitted, shard-mapped batch function per (config, layer, spec, mesh), shared by engines."""
-    body = functools.partial(_batch_curves, config=config, layer=layer, spec=spec)
+def _compiled(config, spec: SweepSpec, mesh: Mesh, precision: str):
+    """One jitted, shard-mapped batch function per (config, spec, mesh), shared by engines and
+    by every interpolation layer (the layer is a runtime argument)."""
+    def body(*args):
+        with jax.default_matmul_precision(precision):
+            return _batch_curves(*args, config=config, spec=spec)
+
     mapped = jax.shard_map(body, mesh=mesh,
-                           in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+                           in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
                            out_specs=P(AXIS), check_vma=False)
     return jax.jit(mapped)
 
@@ -203,7 +203,7 @@ class SweepEngine:
     the batch to a multiple of the device count, and returns numpy curves ``{name: [B, ...]}``.
     """
 
-    def __init__(self, model: GPT2, spec: SweepSpec, mesh: Optional[Mesh] = None):
+    def __init__(self, model: Model, spec: SweepSpec, mesh: Optional[Mesh] = None):
         self.model, self.spec = model, spec
         self.config = model.config
         for L in spec.layers:
@@ -212,9 +212,11 @@ class SweepEngine:
         self.n_devices = self.mesh.devices.size
         self._repl = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(AXIS))
-        first = min(spec.layers) + 1
-        grams = {str(l): mlp_grams(model.params["h"][str(l)], self.config, jnp.float32)
-                 for l in range(first, self.config.n_layer)}
+        self.precision = model.matmul_precision
+        with jax.default_matmul_precision(self.precision):
+            grams = jax.jit(lambda blocks: jax.lax.map(
+                lambda bp: mlp_grams(bp, self.config, jnp.float32)["M"], blocks))(
+                    model.params["blocks"])
         self.params = self._global(model.params, self._repl)
         self.grams = self._global(grams, self._repl)
 
@@ -225,8 +227,8 @@ class SweepEngine:
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
         return jax.tree_util.tree_map(one, tree)
 
-    def _fn(self, layer: int):
-        return _compiled(self.config, layer, self.spec, self.mesh)
+    def _fn(self):
+        return _compiled(self.config, self.spec, self.mesh, self.precision)
 
     def padded_size(self, n: int) -> int:
         return -(-n // self.n_devices) * self.n_devices
@@ -242,7 +244,9 @@ class SweepEngine:
         if pad:  # repeat the last pair; its results are dropped
             rows = [np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for v in rows]
         args = [self._global(v, self._split) for v in rows]
-        out = self._fn(layer)(self.params, self.grams, *args)
+        entry = self._global(np.int32(sites_lib.entry_index(layer, "resid_post", self.config)),
+                             self._repl)
+        out = self._fn()(self.params, self.grams, *args, entry)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)

@@ -226,9 +226,10 @@ def _shard_ok(path: str, h: str) -> bool:
 
 
 def _expand(stat: np.ndarray, layer: int, n_layer: int) -> np.ndarray:
-    """``[B, T_L]`` (downstream layers, logits) -> ``[B, n_layer + 1]`` with NaN upstream."""
-    out = np.full((stat.shape[0], n_layer + 1), np.nan)
-    out[:, layer + 1:] = stat
+    """``[B, n_layer + 1]`` (every layer, then the logits) with NaN for the layers at or before
+    the interpolation layer (never downstream of it)."""
+    out = np.array(stat, np.float64)
+    out[:, :layer + 1] = np.nan
     return out
 
 
