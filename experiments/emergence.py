@@ -17,8 +17,9 @@ every prompt pair (each context of --contexts with each pair of --pairs):
    distance |alpha_peak - alpha*| (alignment: 0 = the Jacobian peaks at the boundary), and the
    peak's contrast max / median over alpha.
 
-Writes ``results.json`` (every curve and number), ``summary.json`` (per-checkpoint medians and
-IQRs over pairs) and ``emergence.png``.
+Publishes ``results.json`` (every curve and number), ``summary.json`` (per-checkpoint medians
+and IQRs over pairs), ``emergence.png`` and ``config.json`` together in
+``--output_dir/emergence/`` (staged, then one atomic switch).
 
 Metrics come from :mod:`plateau_jax.metrics` (relative distance, sharpness, boundary) and the
 MLP Jacobian norms from the exact Gram path of :mod:`plateau_jax.mlp_jacobian`.
@@ -32,10 +33,9 @@ import os
 import re
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
-
 from plateau_jax.plateaus import metrics
 
 FLAGS = flags.FLAGS
@@ -54,6 +54,7 @@ def define_flags():
     flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
     flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
     flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+    common.define_overwrite_flag()
     common.define_runtime_flags()
 
 
@@ -88,7 +89,7 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
                     np.append(pair.context_ids, pair.token_b)]).astype(np.int32)
     _, rec = plateau_jax.forward(model, ids, sites=[site(layer, "resid_post")])
     ab = np.asarray(rec[site(layer, "resid_post")][:, -1])
-    xs = paths.interpolate(ab[0], ab[1], alpha, path)
+    xs = paths.interpolate_host(ab[0], ab[1], alpha, path, dtype=model.dtype)  # float64, cast
     prefix = plateau_jax.run_prefix(model, pair.context_ids)
     later = list(range(layer + 1, cfg.n_layer))
     logits, rec = plateau_jax.continue_from(model, prefix, xs, layer=layer,
@@ -238,23 +239,35 @@ def plot(res: dict, path: str, focus: int = 0):
     plt.close(fig)
 
 
+@common.cli
 def main(argv):
     del argv
     import json
 
-    from plateau_jax import files
+    from plateau_jax.plateaus import paths
+    from plateau_jax.plateaus import prompts
 
     if not FLAGS.output_dir:
-        raise app.UsageError("--output_dir is required.")
+        raise common.InputError("--output_dir is required.")
     if FLAGS.checkpoints:
         ckpts = []
         for d in FLAGS.checkpoints:
+            common.existing_dir("checkpoints", d)
             m = re.search(r"(\d+)$", d.rstrip("/"))
             ckpts.append((int(m.group(1)) if m else len(ckpts), d))
     elif FLAGS.run_dir:
+        common.existing_dir("run_dir", FLAGS.run_dir)
         ckpts = find_checkpoints(FLAGS.run_dir)
     else:
-        raise app.UsageError("Give --run_dir (a training run) or --checkpoints.")
+        raise common.InputError("give --run_dir (a training run) or --checkpoints.")
+    paths.alpha_grid(FLAGS.n_steps)
+    prompts.parse_pairs(FLAGS.pairs)
+    if not FLAGS.contexts or any(not c.strip() for c in FLAGS.contexts):
+        raise common.InputError("--contexts: give non-empty contexts.")
+    n_layer = common.peek_n_layer(ckpts[0][1])
+    if FLAGS.layer < 0 or (n_layer is not None and FLAGS.layer >= n_layer - 1):
+        raise common.InputError(f"--layer={FLAGS.layer}: needs a later layer; use 0.."
+                                f"{'n_layer-2' if n_layer is None else n_layer - 2}.")
     heldout = {}
     if FLAGS.run_dir and os.path.exists(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
         for line in open(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
@@ -262,21 +275,26 @@ def main(argv):
             for k in ("heldout_loss", "heldout_loss_quick"):
                 if k in rec:
                     heldout[rec["step"]] = rec[k]
-    out = files.prepare_output_dir(FLAGS.output_dir)
-    files.write_config(out, {f: getattr(FLAGS, f) for f in
-                          ("run_dir", "checkpoints", "contexts", "pairs", "layer", "n_steps", "path")})
-    common.apply_runtime_flags()
-    res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout,
-              FLAGS.matmul_precision)
-    n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
-    res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
-    files.atomic_write_json(os.path.join(out, "results.json"), res)
-    files.atomic_write_json(os.path.join(out, "summary.json"),
-                         dict(summary=res["summary"], chance_peak_offset=res["chance_peak_offset"]))
-    plot(res, os.path.join(out, "emergence.png"))
-    logging.info("Wrote %s", out)
+    from plateau_jax import files
+
+    config = {f: getattr(FLAGS, f) for f in ("run_dir", "checkpoints", "contexts", "pairs",
+                                             "layer", "n_steps", "path", "matmul_precision")}
+    pub = files.Publication(FLAGS.output_dir, "emergence", config, overwrite=FLAGS.overwrite)
+    with pub.staging() as stage:
+        common.apply_runtime_flags()
+        res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path,
+                  heldout, FLAGS.matmul_precision)
+        n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
+        res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
+        files.atomic_write_json(os.path.join(stage, "results.json"), res)
+        files.atomic_write_json(os.path.join(stage, "summary.json"),
+                                dict(summary=res["summary"],
+                                     chance_peak_offset=res["chance_peak_offset"]))
+        plot(res, os.path.join(stage, "emergence.png"))
+        out = pub.commit()
+    logging.info("Published %s", out)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -7,8 +7,14 @@ r"""Jacobian norms along interpolation paths: MLP, attention, layer, products an
 For each prompt pair: interpolate ``blocks.{layer}.hook_{site}`` between the two endings, then
 one jitted call (:func:`plateau_jax.jacobians.jacobian_sweep`) gives the requested norms of every
 per-layer Jacobian at every step, the study's skip-free products and the end-to-end cumulative
-Jacobians at every depth. Writes ``jacobians_{A}-{B}.npz`` and figures per pair (see
-the README for the array names and shapes), and ``config.json``.
+Jacobians at every depth. Publishes ``jacobians_{A}-{B}.npz`` and figures per pair (see the
+README for the array names and shapes) and ``config.json`` together in
+``--output_dir/jacobians/`` (staged, then one atomic switch).
+
+The path is built exactly as ``experiments.plateaus`` builds it (endpoints from
+:func:`plateau_jax.plateaus.interpolation.endpoint_activations`, path in float64 on the host by
+:func:`plateau_jax.plateaus.paths.interpolate_host`, cast to the model dtype), so both scripts
+feed the same vectors for the same pair.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import plateau_jax as pj
 from experiments import common
 from plateau_jax import files
 from plateau_jax.jacobians import sweep as jacobians
+from plateau_jax.plateaus import interpolation
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import paths
 from plateau_jax.plateaus import prompts
@@ -55,32 +62,37 @@ flags.DEFINE_integer("probes", 16, "Hutchinson probes (stats=fro_hutch).")
 flags.DEFINE_integer("seed", 0, "Seed for matrix-free estimates.")
 flags.DEFINE_bool("overlay", True, "Overlay relative-distance curves r(alpha) on the figures.")
 flags.DEFINE_bool("figures", True, "Write figures.")
-flags.DEFINE_string("figure_format", "png", "Figure file extension.")
+flags.DEFINE_enum("figure_format", "png", ["png", "pdf", "svg"], "Figure file format.")
+
+InputError = common.InputError
 
 
-def run_pair(model, pair, opts: jacobians.SweepOptions, grams=None):
+def pair_endpoints(model, pairs):
+    """``[P, 2, d]`` endpoints at ``blocks.{--layer}.hook_{--site}`` (one prefix, one call), as
+    ``experiments.plateaus`` computes them."""
+    prefix = pj.run_prefix(model, pairs[0].context_ids)
+    tokens = np.array([[p.token_a, p.token_b] for p in pairs], np.int32)
+    ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), [FLAGS.layer],
+                                              FLAGS.site)
+    ends = np.asarray(ends[0], np.float32).reshape(len(pairs), 2, -1)
+    interpolation.check_endpoints_finite(ends[:, 0], ends[:, 1],
+                                         pj.site(FLAGS.layer, FLAGS.site), model.dtype)
+    return prefix, ends
+
+
+def run_pair(model, prefix, a, b, opts: jacobians.SweepOptions, grams=None):
     """Returns ({name: array} for the npz, seconds of the jitted sweep)."""
     cfg = model.config
-    prefix = pj.run_prefix(model, pair.context_ids)
-    emb = pj.embed_last(model, prefix, np.array([pair.token_a, pair.token_b]))
-    s = pj.site(FLAGS.layer, FLAGS.site)
-    if FLAGS.site == "resid_pre" and FLAGS.layer == 0:
-        ends = emb
-    else:
-        _, rec = pj.continue_from(model, prefix, emb, 0, site="resid_pre", sites=[s])
-        ends = rec[s]
     alpha = paths.alpha_grid(FLAGS.steps)
-    x = paths.interpolate(ends[0], ends[1], alpha, FLAGS.path)
-    if not np.all(np.isfinite(np.asarray(x))):
-        raise ValueError(f"pair {pair.label}: the interpolation path is not finite "
-                         "(antiparallel endpoints?); try --path=linear.")
+    # float64 on the host, then the model dtype: the same vectors as experiments.plateaus feeds.
+    x = paths.interpolate_host(a, b, alpha, FLAGS.path, dtype=model.dtype)
     layers = jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site)
     t = time.perf_counter()
     out = jacobians.jacobian_sweep(model, prefix, x, FLAGS.layer, FLAGS.site, options=opts,
                                    grams=grams, seed=FLAGS.seed, force=FLAGS.force_full)
     out = {k: np.asarray(v) for k, v in out.items()}
     secs = time.perf_counter() - t
-    res = dict(alpha=alpha, layers=layers, x=np.asarray(x), **out)
+    res = dict(alpha=alpha, layers=layers, x=np.asarray(x, np.float32), **out)
     if FLAGS.overlay:
         rsites = [pj.site(l, "resid_post") for l in layers]
         logits, rec = pj.continue_from(model, prefix, x, FLAGS.layer, site=FLAGS.site, sites=rsites)
@@ -168,37 +180,74 @@ def _plot(res, label, out_dir):
     return [w for w in written if w]
 
 
+def check_layer(n_layer: int) -> None:
+    """--layer must leave at least one later layer (the rows of every Jacobian family)."""
+    last = n_layer - 2 if FLAGS.site == "resid_post" else n_layer - 1
+    if not 0 <= FLAGS.layer <= last:
+        raise InputError(
+            f"--layer={FLAGS.layer} with --site={FLAGS.site}: this model has layers "
+            f"0..{n_layer - 1}, and the Jacobians need a layer after the interpolated site, so "
+            f"--layer must be in 0..{last}"
+            + (" (or use --site=resid_pre)." if FLAGS.site == "resid_post" else "."))
+
+
+def options_from_flags() -> jacobians.SweepOptions:
+    common.subset("families", FLAGS.families, jacobians.FAMILIES)
+    common.subset("stats", FLAGS.stats, jacobians.STATS)
+    common.subset("full", FLAGS.full, jacobians.FULL_NAMES, nonempty=False)
+    for name in ("steps",):
+        common.positive(name, getattr(FLAGS, name), 2)
+    for name in ("batch_size", "power_iters", "probes"):
+        common.positive(name, getattr(FLAGS, name), 1)
+    try:
+        return jacobians.SweepOptions(
+            families=tuple(FLAGS.families), stats=tuple(FLAGS.stats), top_k=FLAGS.top_k,
+            spec_method=FLAGS.spec_method, mlp_method=FLAGS.mlp_method, products=FLAGS.products,
+            cumulative=FLAGS.cumulative, full=tuple(FLAGS.full), batch_size=FLAGS.batch_size,
+            power_iters=FLAGS.power_iters, probes=FLAGS.probes)
+    except ValueError as e:
+        raise InputError(f"Jacobian options: {e}") from None
+
+
+@common.cli
 def main(argv):
     del argv
-    model = common.load_model_from_flags()
-    out_dir = common.start_run(model)
+    # Everything that can be checked without the model, before loading it.
+    opts = options_from_flags()
+    pair_specs = prompts.parse_pairs(FLAGS.pairs)
+    common.check_layer_early(check_layer)
+
+    def check_model(model):
+        check_layer(model.config.n_layer)
+        jacobians.check_full_size(model.config, FLAGS.steps, FLAGS.layer, FLAGS.site, opts.full,
+                                  np.dtype(model.dtype).itemsize, force=FLAGS.force_full)
+
+    pub = common.open_publication("jacobians", __name__)
+    model, pairs, _ = common.load_model_and_prompts(pub, pair_specs, check_model)
     cfg = model.config
-    pj.model.sites.check_layer(FLAGS.layer, cfg)
-    opts = jacobians.SweepOptions(
-        families=tuple(FLAGS.families), stats=tuple(FLAGS.stats), top_k=FLAGS.top_k,
-        spec_method=FLAGS.spec_method, mlp_method=FLAGS.mlp_method, products=FLAGS.products,
-        cumulative=FLAGS.cumulative, full=tuple(FLAGS.full), batch_size=FLAGS.batch_size,
-        power_iters=FLAGS.power_iters, probes=FLAGS.probes)
-    jacobians.check_full_size(cfg, FLAGS.steps, FLAGS.layer, FLAGS.site, opts.full,
-                              np.dtype(model.dtype).itemsize, force=FLAGS.force_full)
-    pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, prompts.parse_pairs(FLAGS.pairs),
-                                 cfg.n_positions)
-    grams = None
-    if opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats and len(pairs) > 1:
-        t = time.perf_counter()
-        grams = jacobians.mlp_grams_for(model, jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site))
-        logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
-                     time.perf_counter() - t)
-    for pair in files.progress(pairs, desc="pairs"):
-        res, secs = run_pair(model, pair, opts, grams)
-        label = pair.label.replace("->", "-").replace("/", "_")
-        path = os.path.join(out_dir, f"jacobians_{label}.npz")
-        files.atomic_save_npz(path, sweep_seconds=np.float64(secs), **res)
-        logging.info("%s: sweep %.2fs -> %s", label, secs, path)
-        if FLAGS.figures:
-            for f in _plot(res, label, out_dir):
-                logging.info("figure %s", f)
+    with pub.staging() as stage:
+        prefix, ends = pair_endpoints(model, pairs)
+        grams = None
+        if (opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats
+                and len(pairs) > 1):
+            t = time.perf_counter()
+            grams = jacobians.mlp_grams_for(model)
+            logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
+                         time.perf_counter() - t)
+        for i, pair in enumerate(files.progress(pairs, desc="pairs")):
+            res, secs = run_pair(model, prefix, ends[i, 0], ends[i, 1], opts, grams)
+            files.fault_point("compute")
+            label = pair.label.replace("->", "-").replace("/", "_")
+            path = os.path.join(stage, f"jacobians_{label}.npz")
+            files.atomic_save_npz(path, sweep_seconds=np.float64(secs), **res)
+            logging.info("%s: sweep %.2fs", label, secs)
+            files.fault_point("write")
+            if FLAGS.figures:
+                for f in _plot(res, label, stage):
+                    logging.info("figure %s", os.path.basename(f))
+        out = pub.commit(extra=common.model_record(model))
+    print(f"published: {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

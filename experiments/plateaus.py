@@ -5,18 +5,18 @@ Reproduces every figure of the study in one command (see the README)::
     python -m experiments.plateaus --flagfile=experiments/flags/study.flags --output_dir=runs/study
     python -m experiments.plateaus --model=gpt2 --pairs=big:in --steps=30 --output_dir=runs/small
 
-Writes ``config.json`` (resolved flags, versions, devices), ``results.npz`` and the figures.
+Publishes ``config.json`` (resolved flags, versions, devices), ``results.npz`` and the figures
+together in ``--output_dir/plateaus/`` (staged, then one atomic switch; see the README).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Dict, List, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import plateau_jax
 from experiments import common
@@ -59,8 +59,7 @@ flags.DEFINE_enum("figure_format", "png", ["png", "pdf", "svg"], "Figure file fo
 FREEZE_CONDITIONS = ("none", "attn", "mlp")
 
 
-class InputError(ValueError):
-    """A flag value that cannot be used; the message says what to pass instead."""
+InputError = common.InputError
 
 
 def parse_layers(spec: str, n_layer: int, what: str, allowed: Sequence[int] = None) -> List[int]:
@@ -97,11 +96,30 @@ def parse_distances(n_layer: int, site: str) -> List[int]:
     try:
         dists = [int(d) for d in FLAGS.distances]
     except ValueError:
-        raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
-    if any(d < 1 for d in dists):
-        raise InputError(f"--distances={FLAGS.distances}: expected positive integers.")
+        raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
+    if not dists or any(d < 1 for d in dists):
+        raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
     deepest = n_layer - interpolation.first_downstream_layer(0, site)
     return sorted({min(d, deepest) for d in dists if deepest >= 1})
+
+
+def check_layer_flags(n_layer: int):
+    """--layer, --interp_layers, --freeze_layers, --distances against a model of ``n_layer``
+    layers; returns (interp_layers, freeze_layers, distances)."""
+    if not 0 <= FLAGS.layer < n_layer:
+        raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
+                         f"0..{n_layer - 1}.")
+    first = interpolation.first_downstream_layer(FLAGS.layer, FLAGS.site)
+    if first >= n_layer:
+        raise InputError(
+            f"--layer={FLAGS.layer} with --site={FLAGS.site} leaves no later layer to record, "
+            "freeze or measure (the per-layer, freezing, step-size and spline results need one): "
+            f"use --layer<={n_layer - 2}, or --site=resid_pre/resid_mid to include layer "
+            f"{FLAGS.layer}.")
+    interp_layers = parse_layers(FLAGS.interp_layers, n_layer, "interp_layers")
+    freeze_layers = parse_layers(FLAGS.freeze_layers, n_layer, "freeze_layers",
+                                 allowed=range(first, n_layer))
+    return interp_layers, freeze_layers, parse_distances(n_layer, FLAGS.site)
 
 
 def _pad(arr, layers: Sequence[int], n_layer: int, axis: int = 1):
@@ -145,7 +163,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     down = main.layers
     acts = {c: np.asarray(v, np.float32) for c, v in main.acts.items()}
     logits = np.asarray(main.logits, np.float32)
-    res["x"] = np.asarray(main.x)
+    res["x"] = np.asarray(main.x, np.float32)  # the vectors fed in (model dtype, widened)
     res["downstream_layers"] = np.array(down, np.int32)
     for c in interpolation.DEFAULT_COMPONENTS:
         res[f"r_{c}"] = _pad(metrics.relative_distance(acts[c]), down, n_layer)
@@ -156,14 +174,21 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     res["spline_hamming"] = _pad(metrics.spline_hamming(acts["mlp_pre"]), down, n_layer)
     res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], acts["resid_mid"]),
                                  down, n_layer)
-    for key, fn in (("sharpness", metrics.sharpness), ("boundary", metrics.boundary)):
-        res[f"{key}_resid_post"] = fn(res["r_resid_post"], alpha)
-        res[f"{key}_logits"] = fn(res["r_logits"], alpha)
+    # Sharpness on the relative distance r (the study's curves) and on the distance curve
+    # d(alpha)/d(1) (the stable-regions work's); two different numbers, named apart.
+    d_resid = _pad(metrics.distance_curve(acts["resid_post"]), down, n_layer)
+    d_logits = metrics.distance_curve(logits)
+    for target, r, d in (("resid_post", res["r_resid_post"], d_resid),
+                         ("logits", res["r_logits"], d_logits)):
+        res[f"sharpness_r_{target}"] = metrics.sharpness(r, alpha)
+        res[f"sharpness_d_{target}"] = metrics.sharpness(d, alpha)
+        res[f"boundary_{target}"] = metrics.boundary(r, alpha)
     if save_activations:
         for c, v in acts.items():
             res[f"acts_{c}"] = v
         res["logits"] = logits
 
+    files.fault_point("compute")
     # Freezing attn_out / mlp_out in the chosen later layers.
     frozen_r_logits, frozen_r_resid = [res["r_logits"]], [res["r_resid_post"]]
     for comp in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
@@ -175,7 +200,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     res["freeze_layers"] = np.array(freeze_layers, np.int32)
     res["frozen_r_logits"] = np.stack(frozen_r_logits, axis=1)  # [P, 3, n]
     res["frozen_r_resid_post"] = np.stack(frozen_r_resid, axis=1)  # [P, 3, n_layer, n]
-    res["frozen_sharpness_logits"] = metrics.sharpness(res["frozen_r_logits"], alpha)
+    res["frozen_sharpness_r_logits"] = metrics.sharpness(res["frozen_r_logits"], alpha)
     del acts, logits
 
     # Every interpolation layer: logits, and resid_post N layers downstream.
@@ -194,49 +219,40 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     res["interp_layers"] = np.array(interp_layers, np.int32)
     res["distances"] = np.array(distances, np.int32)
     res["each_r_logits"] = each_r
-    res["each_sharpness_logits"] = metrics.sharpness(each_r, alpha)
+    res["each_sharpness_r_logits"] = metrics.sharpness(each_r, alpha)
     res["each_boundary_logits"] = metrics.boundary(each_r, alpha)
     res["dist_r_resid_post"] = dist_r
     return res
 
 
+@common.cli
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        alpha = parse_alpha()
-        pair_specs = prompts.parse_pairs(FLAGS.pairs)
-        files.prepare_output_dir(FLAGS.output_dir)
-        model = common.load_model_from_flags()
-        n_layer = model.config.n_layer
-        plateau_jax.model.sites.check_layer(FLAGS.layer, model.config, what="--layer")
-        interp_layers = parse_layers(FLAGS.interp_layers, n_layer, "interp_layers")
-        first = interpolation.first_downstream_layer(FLAGS.layer, FLAGS.site)
-        freeze_layers = parse_layers(FLAGS.freeze_layers, n_layer, "freeze_layers",
-                                     allowed=range(first, n_layer))
-        distances = parse_distances(n_layer, FLAGS.site)
-        if model.tokenizer is None:
-            raise InputError(f"{FLAGS.model} has no tokenizer files; the prompts need one.")
-        pairs = prompts.encode_pairs(model.tokenizer, FLAGS.context, pair_specs,
-                                     model.config.n_positions)
-        out = common.start_run(model)
+    del argv
+    # Everything that can be checked without the model, before loading it.
+    alpha = parse_alpha()
+    pair_specs = prompts.parse_pairs(FLAGS.pairs)
+    parse_distances(1, FLAGS.site)
+    common.check_layer_early(check_layer_flags)
+    pub = common.open_publication("plateaus", __name__)
+    model, pairs, (interp_layers, freeze_layers, distances) = common.load_model_and_prompts(
+        pub, pair_specs, lambda m: check_layer_flags(m.config.n_layer))
+    with pub.staging() as stage:
         res = run_study(model, pairs, alpha, layer=FLAGS.layer, interp_layers=interp_layers,
                         site=FLAGS.site, path=FLAGS.path, freeze_mode=FLAGS.freeze_mode,
                         freeze_layers=freeze_layers, distances=distances,
                         save_activations=FLAGS.save_activations)
-    except (InputError, prompts.PromptError, interpolation.NonFiniteError, plateau_jax.CheckpointError,
-            ValueError, OSError) as e:
-        logging.debug("failed", exc_info=True)
-        sys.exit(f"error: {e}")
-    res.update(model_name=np.array(model.name), context=np.array(FLAGS.context),
-               site=np.array(FLAGS.site), interp_path=np.array(FLAGS.path),
-               freeze_mode=np.array(FLAGS.freeze_mode))
+        res.update(model_name=np.array(model.name), context=np.array(FLAGS.context),
+                   site=np.array(FLAGS.site), interp_path=np.array(FLAGS.path),
+                   freeze_mode=np.array(FLAGS.freeze_mode))
+        files.atomic_save_npz(os.path.join(stage, "results.npz"), **res)
+        files.fault_point("write")
+        figs = plotting.save_all(plotting.load_results(os.path.join(stage, "results.npz")), stage,
+                                 FLAGS.figure_format)
+        out = pub.commit(extra=common.model_record(model))
     results_path = os.path.join(out, "results.npz")
-    files.atomic_save_npz(results_path, **res)
-    figs = plotting.save_all(plotting.load_results(results_path), out, FLAGS.figure_format)
-    logging.info("Wrote %s and %d figures to %s", results_path, len(figs), out)
+    logging.info("Published %s and %d figures in %s", results_path, len(figs), out)
     print(f"results: {results_path}\nfigures: {', '.join(os.path.basename(f) for f in figs)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

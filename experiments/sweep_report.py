@@ -1,6 +1,12 @@
-"""Writes the report of a sweep directory: ``python -m experiments.sweep_report --output_dir=DIR``."""
+"""Writes the report of a sweep directory: ``python -m experiments.sweep_report --output_dir=DIR``.
 
-from absl import app, flags
+The report (``DIR/report/``: summary.md, summary.csv, stats.csv and figures) is published
+atomically; a partial sweep gets a report that says it is incomplete.
+"""
+
+from absl import flags
+
+from experiments import common
 
 flags.DEFINE_string("output_dir", None, "A sweep's output directory.")
 flags.DEFINE_bool("figures", True, "Also draw the figures.")
@@ -8,6 +14,7 @@ flags.mark_flag_as_required("output_dir")
 FLAGS = flags.FLAGS
 
 
+@common.cli
 def main(argv):
     del argv
     from plateau_jax.sweep import report
@@ -17,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 
@@ -64,6 +64,7 @@ def define_flags():
                         "corpus licence and the training summary into this directory (e.g. "
                         "plateau_jax/assets/tiny-plateau, the shipped model).")
     flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
+    common.define_overwrite_flag()
     common.define_runtime_flags()
 
 
@@ -142,6 +143,8 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     from plateau_jax import files
 
     t_start = time.time()
+    if texts is None:
+        data.find_corpus(corpus_dir)  # a missing corpus stops the run before anything is written
     files.prepare_output_dir(output_dir)
     if texts is None:
         docs = data.load_documents(corpus_dir)
@@ -259,60 +262,174 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt",
                  "tokenizer_config.json", "tokenizer.json")
 
 
+def _run_files(run_dir: str):
+    """The files :func:`package` reads from a training run; raises if any is missing."""
+    src = os.path.join(run_dir, "final")
+    need = [os.path.join(src, f) for f in ("config.json", "model.safetensors")] + [
+        os.path.join(run_dir, f) for f in ("summary.json", "metrics.jsonl", "config.json")]
+    missing = [p for p in need if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished training run: missing {', '.join(missing)}. Train into "
+            "it first (python -m experiments.train --output_dir=...) or pass the right "
+            "--output_dir.")
+    return src
+
+
+def check_package_dest(run_dir: str, dest: str, overwrite: bool) -> None:
+    """Refuses (before any work) to replace a model in ``dest`` that came from another run,
+    unless ``overwrite``; ``dest`` must be creatable and writable."""
+    holds_model = any(os.path.exists(os.path.join(dest, f)) for f in SHIPPED_FILES)
+    if holds_model and not overwrite:
+        same = False
+        try:
+            with open(os.path.join(dest, "training_summary.json")) as f:
+                shipped = json.load(f).get("run_config")
+            with open(os.path.join(run_dir, "config.json")) as f:
+                same = shipped is not None and shipped == json.load(f)
+        except (OSError, ValueError):
+            pass
+        if not same:
+            raise FileExistsError(
+                f"--package_to={dest} already holds a model from another training run; pass "
+                "--overwrite to replace it, or package into an empty directory.")
+    parent = os.path.dirname(os.path.abspath(dest))
+    target = dest if os.path.isdir(dest) else parent
+    if not os.path.isdir(target) or not os.access(target, os.W_OK):
+        raise PermissionError(f"--package_to={dest}: {target} is not a writable directory.")
+
+
 def package(run_dir: str, dest: str, corpus_dir=None, heldout_per_mille: int = 20,
             sample_chars: int = 30000) -> str:
     """Copies ``run_dir/final`` into ``dest`` for shipping, with ``heldout_sample.txt`` (held-out
     documents the model never saw, one per line), ``LICENSE-WordNet.txt`` and
-    ``training_summary.json`` (summary + metrics). Returns ``dest``."""
+    ``training_summary.json`` (summary + metrics). Returns ``dest``.
+
+    Every input is read and every output prepared in memory before ``dest`` is touched; each
+    file is then replaced atomically (a failure never leaves a truncated file)."""
     from plateau_jax.training import data
     from plateau_jax import files
 
-    src = os.path.join(run_dir, "final")
-    os.makedirs(dest, exist_ok=True)
-    for f in SHIPPED_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copyfile(os.path.join(src, f), os.path.join(dest, f))
+    src = _run_files(run_dir)
     docs = data.load_documents(corpus_dir)
     _, held = data.split_documents(docs, heldout_per_mille, seed=0)
     sample = data.heldout_sample(held, sample_chars)
-    files.atomic_write_bytes(os.path.join(dest, "heldout_sample.txt"),
-                          ("\n".join(sample) + "\n").encode())
-    files.atomic_write_bytes(os.path.join(dest, "LICENSE-WordNet.txt"), data.WORDNET_LICENSE.encode())
+    if not sample or not "".join(sample).strip():
+        raise ValueError(f"the corpus in {data.find_corpus(corpus_dir)} gives no held-out "
+                         "documents for heldout_sample.txt; check --corpus_dir.")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         summary["metrics"] = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(run_dir, "config.json")) as f:
         summary["run_config"] = json.load(f)
-    files.atomic_write_json(os.path.join(dest, "training_summary.json"), summary)
+    out = {}
+    for name in SHIPPED_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            with open(os.path.join(src, name), "rb") as f:
+                out[name] = f.read()
+    out["heldout_sample.txt"] = ("\n".join(sample) + "\n").encode()
+    out["LICENSE-WordNet.txt"] = data.WORDNET_LICENSE.encode()
+    out["training_summary.json"] = (json.dumps(summary, indent=2, sort_keys=True, default=str)
+                                    + "\n").encode()
+    os.makedirs(dest, exist_ok=True)
+    for name, payload in out.items():
+        files.atomic_write_bytes(os.path.join(dest, name), payload)
     logging.info("Packaged %s into %s", src, dest)
     return dest
 
 
+def check_flags() -> None:
+    """Every flag checked before any work (and before anything is written)."""
+    from plateau_jax.training import data
+
+    if not FLAGS.output_dir:
+        raise common.InputError("--output_dir is required.")
+    for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_ctx", "batch_size", "steps",
+                 "eval_every", "eval_windows", "log_every"):
+        common.positive(name, getattr(FLAGS, name))
+    common.positive("warmup_steps", FLAGS.warmup_steps, 0)
+    if FLAGS.n_inner is not None:
+        common.positive("n_inner", FLAGS.n_inner)
+    if FLAGS.n_embd % FLAGS.n_head:
+        raise common.InputError(f"--n_embd={FLAGS.n_embd} must be a multiple of "
+                                f"--n_head={FLAGS.n_head}.")
+    if not 0 < FLAGS.heldout_per_mille < 1000:
+        raise common.InputError(f"--heldout_per_mille={FLAGS.heldout_per_mille}: expected 1..999.")
+    for name in ("lr", "clip_norm"):
+        if not getattr(FLAGS, name) > 0:
+            raise common.InputError(f"--{name}={getattr(FLAGS, name)}: expected a number > 0.")
+    if not 0 <= FLAGS.min_lr_ratio <= 1 or not 0 <= FLAGS.beta2 < 1 or FLAGS.weight_decay < 0:
+        raise common.InputError("--min_lr_ratio must be in [0, 1], --beta2 in [0, 1), "
+                                "--weight_decay >= 0.")
+    if FLAGS.max_minutes is not None and not FLAGS.max_minutes > 0:
+        raise common.InputError(f"--max_minutes={FLAGS.max_minutes}: expected a number > 0.")
+    try:
+        steps = [int(v) for v in FLAGS.save_steps]
+    except ValueError:
+        raise common.InputError(f"--save_steps={','.join(FLAGS.save_steps)}: expected step "
+                                "numbers, e.g. 0,100,800.") from None
+    if any(v < 0 for v in steps):
+        raise common.InputError(f"--save_steps: steps must be >= 0; got {steps}.")
+    if FLAGS.tokenizer_dir:
+        common.existing_dir("tokenizer_dir", FLAGS.tokenizer_dir)
+        missing = [f for f in ("vocab.json", "merges.txt")
+                   if not os.path.isfile(os.path.join(FLAGS.tokenizer_dir, f))]
+        if missing:
+            raise common.InputError(f"--tokenizer_dir={FLAGS.tokenizer_dir} lacks {missing}.")
+    if not FLAGS.package_only or FLAGS.package_to:
+        data.find_corpus(FLAGS.corpus_dir)  # training and packaging both read the corpus
+    if FLAGS.package_only:
+        if not FLAGS.package_to:
+            raise common.InputError("--package_only needs --package_to (where to package to).")
+        _run_files(FLAGS.output_dir)
+    if FLAGS.package_to:
+        check_package_dest(FLAGS.output_dir, FLAGS.package_to, FLAGS.overwrite)
+
+
+TRAIN_FLAGS = ("output_dir", "corpus_dir", "tokenizer_dir", "vocab_size", "heldout_per_mille",
+               "n_layer", "n_embd", "n_head", "n_inner", "n_ctx", "batch_size", "steps", "lr",
+               "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "beta2", "seed",
+               "eval_every", "eval_windows", "log_every", "save_dtype", "max_minutes",
+               "matmul_precision")
+
+
+def check_run_dir(kw: dict) -> None:
+    """Refuses to train into a directory holding a run of another configuration (its
+    config.json differs), unless --overwrite."""
+    from plateau_jax import files
+
+    path = os.path.join(FLAGS.output_dir, "config.json")
+    if FLAGS.overwrite or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f).get("config", {})
+    except (OSError, ValueError):
+        old = {}
+    diffs = files.config_differences({k: old.get(k) for k in kw}, kw, ignore=("output_dir",))
+    if diffs:
+        raise files.OutputConflictError(
+            f"{FLAGS.output_dir} holds a training run with another configuration "
+            f"({'; '.join(diffs[:8])}); pass --overwrite to train over it, or use another "
+            "--output_dir.")
+
+
+@common.cli
 def main(argv):
     del argv
-    if not FLAGS.output_dir:
-        raise app.UsageError("--output_dir is required.")
-    names = [n for n in ("output_dir", "corpus_dir", "tokenizer_dir", "vocab_size",
-                         "heldout_per_mille", "n_layer", "n_embd", "n_head", "n_inner", "n_ctx",
-                         "batch_size", "steps", "lr", "min_lr_ratio", "warmup_steps",
-                         "weight_decay", "clip_norm", "beta2", "seed", "eval_every",
-                         "eval_windows", "log_every", "save_dtype", "max_minutes",
-                         "matmul_precision")]
-    kw = {n: getattr(FLAGS, n) for n in names}
+    check_flags()
+    kw = {n: getattr(FLAGS, n) for n in TRAIN_FLAGS}
     common.apply_runtime_flags()
     kw["save_steps"] = [int(s) for s in FLAGS.save_steps]
-    from plateau_jax.training.data import CorpusNotFoundError
-    try:
-        if not FLAGS.package_only:
-            train(flags_record=dict(kw), **kw)
-        if FLAGS.package_to:
-            package(FLAGS.output_dir, FLAGS.package_to, FLAGS.corpus_dir, FLAGS.heldout_per_mille)
-    except CorpusNotFoundError as e:
-        raise app.UsageError(str(e)) from e
+    if not FLAGS.package_only:
+        check_run_dir(kw)
+        train(flags_record=dict(kw), **kw)
+    if FLAGS.package_to:
+        package(FLAGS.output_dir, FLAGS.package_to, FLAGS.corpus_dir, FLAGS.heldout_per_mille)
 
 
 if __name__ == "__main__":
     define_flags()
     logging.basicConfig(level=logging.INFO)
-    app.run(main)
+    common.run(main)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +21,7 @@ def _command_after(marker: str) -> str:
     return block.group(1).strip()
 
 
+@pytest.mark.slow
 def test_main_job_command_runs_offline_on_the_shipped_model(tmp_path):
     cmd = _command_after("<!-- main-command -->")
     job = cmd.split("&&")[-1].strip()  # the set-up steps before it are what CI does anyway
@@ -30,12 +32,14 @@ def test_main_job_command_runs_offline_on_the_shipped_model(tmp_path):
     res = subprocess.run([sys.executable] + job[1:], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    cfg = json.loads((out / "config.json").read_text())
+    run = out / "plateaus"  # the script's published run (README: output layout)
+    cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["model"] == "tiny-plateau"
-    with np.load(out / "results.npz") as r:
+    with np.load(run / "results.npz") as r:
         assert r["r_logits"].shape == (2, 50)
         np.testing.assert_allclose(r["r_logits"][:, [0, -1]], [[0, 1], [0, 1]], atol=1e-12)
-    assert len(list(out.glob("*.png"))) == 7
+    assert len(list(run.glob("*.png"))) == 7
+    assert f"results: {run}/results.npz" in res.stdout
 
 
 def test_ci_runs_the_readme_test_command():

@@ -29,6 +29,12 @@ def _np_r(y):
     return da / (da + db)
 
 
+def _np_d(y):
+    y = np.asarray(y, np.float64)
+    d = np.linalg.norm(y - y[:1], axis=-1)
+    return d / d[-1]
+
+
 def _lsm(z):
     z = np.asarray(z, np.float64)
     z = z - z.max(-1, keepdims=True)
@@ -65,10 +71,13 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
     layers = list(range(1, cfg.n_layer))
     # Targets are every layer then the logits; layers at or before the interpolation layer (0)
     # are NaN. Compare the downstream rows.
-    assert np.isnan(out["r"][:, 0]).all() and np.isnan(out["jac"][:, 0]).all()
-    out = {k: (v[:, 1:] if k in ("r", "step", "jac", "hamming", "mid_step", "kstar", "ref_lo",
-                                 "ref_hi", "ref_r_lo", "ref_r_hi", "ref_kl") else v)
-           for k, v in out.items()}
+    per_target = ("r", "dist", "step", "jac", "hamming", "mid_step", "kstar", "ref_lo", "ref_hi",
+                  "ref_r_lo", "ref_r_hi", "ref_kl", "win_lo", "win_hi", "win_r_lo", "win_r_hi",
+                  "win_d_lo", "win_d_hi")
+    for k in per_target:
+        if k != "kstar":
+            assert np.isnan(out[k][:, 0]).all(), k
+    out = {k: (v[:, 1:] if k in per_target else v) for k, v in out.items()}
     for i, p in enumerate(pairs):
         ends = []
         for tok in (p.token_a, p.token_b):  # endpoints from a plain full forward
@@ -82,6 +91,11 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
         logits = np.asarray(logits, np.float64)
         r = np.stack([_np_r(rec[pj.site(l, "resid_post")]) for l in layers] + [_np_r(logits)])
         np.testing.assert_allclose(out["r"][i], r, atol=2e-5)
+        dist = np.stack([_np_d(rec[pj.site(l, "resid_post")]) for l in layers] + [_np_d(logits)])
+        np.testing.assert_allclose(out["dist"][i], dist, atol=5e-5)
+        a64, b64 = np.asarray(ends[0], np.float64), np.asarray(ends[1], np.float64)
+        cos = a64 @ b64 / np.linalg.norm(a64) / np.linalg.norm(b64)
+        np.testing.assert_allclose(out["angle"][i], np.arccos(cos), rtol=1e-5)
         steps = np.stack([np.linalg.norm(np.diff(np.asarray(rec[pj.site(l, "resid_post")], np.float64), axis=0), axis=-1)
                           for l in layers] + [np.linalg.norm(np.diff(logits, axis=0), axis=-1)])
         np.testing.assert_allclose(out["step"][i], steps, rtol=1e-4, atol=1e-5)
@@ -116,8 +130,32 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
             np.testing.assert_allclose([out["ref_r_lo"][i, t], out["ref_r_hi"][i, t]], da / (da + db), atol=2e-5)
             np.testing.assert_allclose(out["ref_kl"][i, t], _kl(np.asarray(lg[0]), np.asarray(lg[1])),
                                        atol=1e-5, rtol=1e-3)
+            # the fixed-width window: width w centred on the refined boundary, inside [0, 1]
+            wlo, whi = float(out["win_lo"][i, t]), float(out["win_hi"][i, t])
+            c = 0.5 * (lo[t] + hi[t])
+            assert whi - wlo == pytest.approx(SPEC.sharpness_width, abs=1e-6)
+            assert 0 <= wlo and whi <= 1 + 1e-6
+            assert wlo == pytest.approx(min(max(c - SPEC.sharpness_width / 2, 0),
+                                            1 - SPEC.sharpness_width), abs=1e-6)
+            xe = paths.interpolate(jnp.asarray(ends[0]), jnp.asarray(ends[1]), np.array([wlo, whi]), "slerp")
+            lg, rc = pj.continue_from(model, prefix, xe, 0, "resid_post", sites=sites)
+            y = (np.asarray(rc[pj.site(layers[t], "resid_post")], np.float64) if t < len(layers)
+                 else np.asarray(lg, np.float64))
+            y_grid = (np.asarray(rec[pj.site(layers[t], "resid_post")], np.float64)
+                      if t < len(layers) else logits)
+            da = np.linalg.norm(y - y_grid[0], axis=-1)
+            db = np.linalg.norm(y - y_grid[-1], axis=-1)
+            np.testing.assert_allclose([out["win_r_lo"][i, t], out["win_r_hi"][i, t]], da / (da + db),
+                                       atol=2e-5)
+            np.testing.assert_allclose([out["win_d_lo"][i, t], out["win_d_hi"][i, t]],
+                                       da / np.linalg.norm(y_grid[-1] - y_grid[0]), atol=5e-5)
     assert out["finite"].all()
     # host statistics from these curves are issue 3's functions on the same r (tested there)
     st = pair_stats(out, alpha)
-    np.testing.assert_allclose(st["S_grid"], np.max(np.diff(out["r"].astype(np.float64), axis=-1)
-                                                    / np.diff(alpha), axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(st["S_r_grid"], np.max(np.diff(out["r"].astype(np.float64), axis=-1)
+                                                      / np.diff(alpha), axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(st["S_d_grid"], np.max(np.diff(out["dist"].astype(np.float64), axis=-1)
+                                                      / np.diff(alpha), axis=-1), rtol=1e-12)
+    w = out["win_hi"].astype(np.float64) - out["win_lo"]
+    np.testing.assert_allclose(st["S_r_ref"], (out["win_r_hi"] - out["win_r_lo"].astype(np.float64)) / w)
+    np.testing.assert_allclose(st["S_d_ref"], (out["win_d_hi"] - out["win_d_lo"].astype(np.float64)) / w)

@@ -55,6 +55,20 @@ def test_encode_rows_reports_and_never_alters(tiny_model):
     assert "leading-space" in errors[0].reason and "identical" in errors[1].reason
 
 
+def test_duplicate_rows_are_reported_not_counted_twice(tiny_model):
+    """Issue 10, defect 6: a repeated pair (also when written differently but tokenising the
+    same) is an error naming the first line, and is used once."""
+    rows, _ = inputs.parse_pairs_text("\n".join(json.dumps(r) for r in [
+        {"context": "The house was", "ending_a": " big", "ending_b": " in"},
+        {"context": "The house was", "ending_a": " big", "ending_b": " large"},
+        {"context": "The house was", "a": " big", "b": " in"},          # line 3 = line 1
+        {"context": "The house was", "ending_a": " in", "ending_b": " big"},  # reversed: another pair
+    ]), "jsonl")
+    good, errors = inputs.encode_rows(tiny_model.tokenizer, rows, tiny_model.config.n_positions)
+    assert [l for l, _ in good] == [1, 2, 4]
+    assert [(e.line, e.reason.split(" (")[0]) for e in errors] == [(3, "duplicate of line 1")]
+
+
 def test_topk_pairs(tiny_model):
     rows, skipped = inputs.topk_pairs(tiny_model, "The house was", k=5)
     ctx = tiny_model.tokenizer("The house was", add_special_tokens=False)["input_ids"]
@@ -76,6 +90,7 @@ def test_random_pairs(tiny_model):
     again, _ = inputs.random_pairs(tiny_model, ["The house was", "The car was"], 12, seed=3,
                                    words=words)
     assert rows == again and len(rows) == 12
+    assert len({(r.context, r.ending_a, r.ending_b) for r in rows}) == 12  # no pair drawn twice
     assert {r.context for r in rows} == {"The house was", "The car was"}
     assert all(r.ending_a != r.ending_b and r.ending_a.strip() in words[:5] for r in rows)
     assert skipped and all("qqqzzzxxx" in c for c, _ in skipped)

@@ -29,11 +29,32 @@ FREEZE_MODES = ("mean", "endpoint_a", "linear")
 _FREEZABLE = ("hook_attn_out", "hook_mlp_out")
 
 
-_HINT = " (in bfloat16/float16, try float32; else check the checkpoint's weights)."
-
-
 class NonFiniteError(FloatingPointError):
     """NaN or Inf appeared in an interpolation run."""
+
+
+def dtype_hint(dtype) -> str:
+    """What to do about NaN/Inf computed in ``dtype`` (appended to error messages)."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name == "float16":
+        return (": float16 overflows above 65504 (activations of larger GPT-2s exceed it). Rerun "
+                "with --dtype=float32.")
+    if name == "bfloat16":
+        return (": bfloat16 keeps 8 significant bits; rerun with --dtype=float32, and if that "
+                "fails too, check the checkpoint's weights for NaN/Inf.")
+    return f": the computation is in {name}, so check the checkpoint's weights for NaN/Inf."
+
+
+def check_endpoints_finite(a, b, where: str, dtype) -> None:
+    """Raises :class:`NonFiniteError` if endpoint ``a`` or ``b`` holds NaN/Inf (they come from
+    the model, so the cause is the dtype's range or the weights, never the path)."""
+    for name, v in (("A", a), ("B", b)):
+        bad = ~np.isfinite(np.asarray(v, np.float64))
+        if bad.any():
+            idx = np.argwhere(bad)[0]
+            pair = f" of pair {int(idx[0])}" if bad.ndim > 1 else ""
+            raise NonFiniteError(f"endpoint {name}{pair} ({where}) is not finite (NaN/Inf computed "
+                                 f"by the model from the prompt){dtype_hint(dtype)}")
 
 
 def component_site(layer: int, component: str) -> str:
@@ -48,6 +69,8 @@ def check_alpha(alpha) -> np.ndarray:
     alpha = np.asarray(alpha, np.float64)
     if alpha.ndim != 1 or alpha.size < 2:
         raise ValueError(f"alpha grid must be 1-D with at least 2 steps; got shape {alpha.shape}.")
+    if not np.all(np.isfinite(alpha)):
+        raise ValueError(f"alpha grid must be finite numbers; got {alpha.tolist()}.")
     if alpha[0] != 0.0 or alpha[-1] != 1.0 or np.any(np.diff(alpha) <= 0):
         raise ValueError("alpha grid must increase strictly from 0 (endpoint A) to 1 (endpoint B); "
                          f"got {alpha.tolist()}.")
@@ -151,9 +174,9 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
     if bad:
         raise ValueError(f"recording layers {bad} are not downstream of blocks.{layer}.hook_{site}: "
                          f"choose from {first}..{cfg.n_layer - 1}.")
-    # float32 path: a bfloat16 alpha grid would be coarse. continue_from casts to the model dtype.
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    x = np.asarray(paths_lib.interpolate(a, b, alpha, path))  # batch + (n, d)
+    # The path in float64 on the host, cast once to the model dtype (paths.interpolate_host).
+    check_endpoints_finite(a, b, f"blocks.{layer}.hook_{site}", model.dtype)
+    x = paths_lib.interpolate_host(a, b, alpha, path, dtype=model.dtype)  # batch + (n, d)
     batch, d = x.shape[:-2], x.shape[-1]
     if prefix.batch == 1:  # every path shares the one context: all rows in one batch entry
         rows = lambda t: np.reshape(t, (1, -1) + t.shape[len(batch) + 1:])
@@ -201,11 +224,12 @@ def check_run_finite(run: InterpolationRun) -> None:
         return int(steps[0])
 
     where = f"interpolating at blocks.{run.layer}.hook_{run.site}"
+    hint = dtype_hint(run.x.dtype)
     k = first_bad(run.x)
     if k is not None:
         raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
-                             f"{run.alpha[k]:.4g}) {where}: are the endpoints antiparallel or "
-                             "non-finite? The linear path avoids slerp's antiparallel case.")
+                             f"{run.alpha[k]:.4g}) {where}: the path of finite endpoints "
+                             f"overflowed its dtype{hint}")
     order = [c for c in DEFAULT_COMPONENTS if c in run.acts] + [
         c for c in run.acts if c not in DEFAULT_COMPONENTS]
     for j, layer in enumerate(run.layers):
@@ -216,12 +240,12 @@ def check_run_finite(run: InterpolationRun) -> None:
             if k is not None:
                 raise NonFiniteError(
                     f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in layer {layer} "
-                    f"({component_site(layer, c)}) {where}{_HINT}")
+                    f"({component_site(layer, c)}) {where}{hint}")
     if run.logits is not None:
         k = first_bad(run.logits)
         if k is not None:
             raise NonFiniteError(f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in the logits "
-                                 f"{where}{_HINT}")
+                                 f"{where}{hint}")
 
 
 def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",

@@ -1,11 +1,40 @@
-"""Interpolation paths between two residual vectors a (alpha=0) and b (alpha=1)."""
+"""Interpolation paths between two residual vectors a (alpha=0) and b (alpha=1).
+
+Two implementations of the same paths:
+
+* :func:`interpolate_host` (numpy, float64, on the host): what the plateau and Jacobian scripts
+  and :func:`plateau_jax.plateaus.interpolation.interpolation_run` use. The path is computed in
+  float64 and only then cast to the model's dtype, so every caller feeds the same vectors and the
+  alpha grid is exact to the dtype's rounding of the result. Antiparallel endpoints raise
+  :class:`AntiparallelError`.
+* :func:`interpolate` (JAX, traceable, in the inputs' dtype): for code that builds paths inside a
+  jitted program (the sweep engine). Its slerp measures the angle stably
+  (``2 atan2(|a^ - b^|, |a^ + b^|)``, accurate in float32 near 0 and near pi, unlike
+  ``arccos`` of a clipped cosine) and returns NaN for antiparallel endpoints, which callers
+  report (the sweep marks the pair failed, naming the angle and the tolerance).
+
+Antiparallel means an angle within :data:`ANTIPARALLEL_TOL` radians of pi: two opposite vectors
+have no unique great circle between them, and near-opposite ones have a great circle fixed by
+their small non-opposite part, which float32 activations do not carry accurately.
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 import numpy as np
 
 PATHS = ("slerp", "linear")
+# slerp refuses endpoints whose angle is within this many radians of pi (0.0573 degrees).
+ANTIPARALLEL_TOL = 1e-3
+# Below this angle (radians) slerp uses the normalised linear blend of the unit vectors, which
+# equals the slerp direction to O(theta^2).
+_PARALLEL_ANGLE = 1e-6
+
+
+class AntiparallelError(ValueError):
+    """slerp between (nearly) antiparallel endpoints, which has no well-defined great circle."""
 
 
 def alpha_grid(n_steps: int) -> np.ndarray:
@@ -22,41 +51,126 @@ def linear(a, b, alpha):
     return a[..., None, :] + alpha[:, None] * (b - a)[..., None, :]
 
 
-def slerp(a, b, alpha, eps: float = 1e-7):
-    """Slerp with norm rescaling: the angle moves evenly, the norm linearly.
+def angle(a, b):
+    """Angle between ``a`` and ``b`` ``[..., d] -> [...]`` in radians, ``2 atan2(|a^-b^|, |a^+b^|)``
+    (JAX, traceable): accurate over the whole range [0, pi], also in float32."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    ah = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    bh = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    return 2.0 * jnp.arctan2(jnp.linalg.norm(ah - bh, axis=-1), jnp.linalg.norm(ah + bh, axis=-1))
 
-    With a^ = a/|a|, b^ = b/|b|, theta = arccos(a^.b^) in [0, pi]::
+
+def slerp(a, b, alpha, eps: float = _PARALLEL_ANGLE, tol: float = ANTIPARALLEL_TOL):
+    """Slerp with norm rescaling (JAX, in the inputs' dtype): the angle moves evenly, the norm
+    linearly.
+
+    With a^ = a/|a|, b^ = b/|b| and theta their angle in [0, pi]::
 
         x(alpha) = [sin((1-alpha) theta) a^ + sin(alpha theta) b^] / sin(theta)
                    * ((1-alpha)|a| + alpha|b|)
 
     Unlike the study's code, which used arccos(|a^.b^|) and so missed endpoint b whenever the
-    angle was obtuse, x(1) = b for every angle. Parallel vectors (sin(theta) ~ 0) fall back to
-    the normalised linear path. Antiparallel vectors have no unique great circle: refused by
-    returning NaN (callers validate). Shapes: a, b ``[..., d]``, alpha ``[n]`` -> ``[..., n, d]``.
+    angle was obtuse, x(1) = b for every angle. theta = 2 atan2(|a^ - b^|, |a^ + b^|).
+    Parallel vectors (theta < ``eps``) use the normalised linear blend of a^ and b^. Antiparallel
+    vectors (theta > pi - ``tol``) have no unique great circle: the result is NaN (callers check;
+    :func:`interpolate_host` raises instead). Shapes: a, b ``[..., d]``, alpha ``[n]`` ->
+    ``[..., n, d]``.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     alpha = jnp.asarray(alpha, a.dtype)[:, None]
     na = jnp.linalg.norm(a, axis=-1, keepdims=True)[..., None, :]
     nb = jnp.linalg.norm(b, axis=-1, keepdims=True)[..., None, :]
     ah, bh = a[..., None, :] / na, b[..., None, :] / nb
-    cos = jnp.clip(jnp.sum(ah * bh, axis=-1, keepdims=True), -1.0, 1.0)
-    theta = jnp.arccos(cos)
-    sin = jnp.sin(theta)
-    small = sin < eps
-    safe = jnp.where(small, 1.0, sin)
+    theta = 2.0 * jnp.arctan2(jnp.linalg.norm(ah - bh, axis=-1, keepdims=True),
+                              jnp.linalg.norm(ah + bh, axis=-1, keepdims=True))
+    small = theta < eps
+    safe = jnp.where(small, 1.0, jnp.sin(theta))
     wa = jnp.where(small, 1.0 - alpha, jnp.sin((1.0 - alpha) * theta) / safe)
     wb = jnp.where(small, alpha, jnp.sin(alpha * theta) / safe)
     direction = wa * ah + wb * bh
     direction = jnp.where(small, direction / jnp.linalg.norm(direction, axis=-1, keepdims=True),
                           direction)
-    return direction * ((1.0 - alpha) * na + alpha * nb)
+    x = direction * ((1.0 - alpha) * na + alpha * nb)
+    return jnp.where(theta > math.pi - tol, jnp.nan, x)
 
 
 def interpolate(a, b, alpha, path: str = "slerp"):
-    """Dispatches to :func:`slerp` or :func:`linear`; ``[..., d]`` -> ``[..., n, d]``."""
+    """Dispatches to :func:`slerp` or :func:`linear` (JAX); ``[..., d]`` -> ``[..., n, d]``."""
     if path == "slerp":
         return slerp(a, b, alpha)
     if path == "linear":
         return linear(a, b, alpha)
     raise ValueError(f"Unknown path {path!r}; choose one of {PATHS}.")
+
+
+# ----------------------------------------------------------------------------- host, float64
+
+def angle_host(a, b) -> np.ndarray:
+    """:func:`angle` in numpy float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ah = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    bh = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return 2.0 * np.arctan2(np.linalg.norm(ah - bh, axis=-1), np.linalg.norm(ah + bh, axis=-1))
+
+
+def _first(mask) -> "tuple | None":
+    """Index of the first True entry of ``mask`` (any shape, 0-d included), or None."""
+    flat = np.flatnonzero(np.asarray(mask))
+    return np.unravel_index(flat[0], np.shape(mask)) if flat.size else None
+
+
+def _where(index) -> str:
+    if not index:
+        return ""
+    return f" (pair {int(index[0]) if len(index) == 1 else tuple(int(i) for i in index)})"
+
+
+def slerp_host(a, b, alpha, tol: float = ANTIPARALLEL_TOL) -> np.ndarray:
+    """:func:`slerp` in numpy float64; raises :class:`AntiparallelError` for an angle within
+    ``tol`` radians of pi and ``ValueError`` for a zero endpoint."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    alpha = np.asarray(alpha, np.float64)[:, None]
+    na = np.linalg.norm(a, axis=-1, keepdims=True)
+    nb = np.linalg.norm(b, axis=-1, keepdims=True)
+    for name, n in (("A", na), ("B", nb)):
+        zero = _first(n[..., 0] == 0)
+        if zero is not None:
+            raise ValueError(f"endpoint {name}{_where(zero)} is the zero vector: "
+                             "slerp needs a direction; use --path=linear.")
+    theta = angle_host(a, b)[..., None]
+    bad = _first(theta[..., 0] > math.pi - tol)
+    if bad is not None:
+        t = float(theta[..., 0][bad])
+        raise AntiparallelError(
+            f"the endpoints{_where(bad)} are {math.degrees(t):.4f} degrees apart, "
+            f"within {tol:g} rad ({math.degrees(tol):.3g} degrees) of antiparallel: slerp has no "
+            "well-defined great circle there. Use --path=linear (or other endpoints).")
+    ah, bh = (a / na)[..., None, :], (b / nb)[..., None, :]
+    theta = theta[..., None, :]
+    small = theta < _PARALLEL_ANGLE
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sin = np.sin(theta)
+        wa = np.where(small, 1.0 - alpha, np.sin((1.0 - alpha) * theta) / sin)
+        wb = np.where(small, alpha, np.sin(alpha * theta) / sin)
+    direction = wa * ah + wb * bh
+    direction = np.where(small, direction / np.linalg.norm(direction, axis=-1, keepdims=True),
+                         direction)
+    return direction * ((1.0 - alpha) * na[..., None, :] + alpha * nb[..., None, :])
+
+
+def interpolate_host(a, b, alpha, path: str = "slerp", dtype=None) -> np.ndarray:
+    """The path computed in float64 with numpy, then cast to ``dtype`` (default: float64).
+
+    ``a``, ``b`` ``[..., d]`` (any array type), ``alpha`` ``[n]`` -> ``[..., n, d]``. Use this
+    wherever the endpoints are on the host anyway: every caller casting to the same dtype gets
+    bit-identical vectors. Raises :class:`AntiparallelError` (slerp) as :func:`slerp_host`.
+    """
+    if path == "slerp":
+        x = slerp_host(a, b, alpha)
+    elif path == "linear":
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        alpha = np.asarray(alpha, np.float64)[:, None]
+        x = a[..., None, :] + alpha * (b - a)[..., None, :]
+    else:
+        raise ValueError(f"Unknown path {path!r}; choose one of {PATHS}.")
+    return x if dtype is None else x.astype(dtype)

@@ -39,7 +39,11 @@ def parse_pairs(spec: str) -> List[Tuple[str, str]]:
         parts = _split(item, ":")
         if len(parts) != 2 or not all(p.strip() for p in parts):
             raise PromptError(f"pair {item!r}: expected 'endingA:endingB', e.g. 'big:in'.")
-        pairs.append(tuple(" " + p.strip() for p in parts))
+        pair = tuple(" " + p.strip() for p in parts)
+        if pair in pairs:
+            raise PromptError(f"pair {item.strip()!r} is given twice (positions "
+                              f"{pairs.index(pair) + 1} and {len(pairs) + 1}); each pair once.")
+        pairs.append(pair)
     if not pairs:
         raise PromptError("no prompt pairs given; e.g. --pairs=big:in,big:large")
     return pairs

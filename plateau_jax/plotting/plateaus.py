@@ -202,8 +202,8 @@ def fig_summary(res):
     mark_endpoints(ax, "A", "B")
 
     layers = np.arange(n_layer)
-    for ax, key, ylabel in ((axes[1, 1], "sharpness", "sharpness S"),
-                            (axes[1, 2], "boundary", r"boundary $\alpha^*$")):
+    for ax, key, ylabel in ((axes[1, 1], "sharpness_r", r"sharpness $S_r$ (on r)"),
+                            (axes[1, 2], "boundary", r"boundary $\alpha^*$ (on r)")):
         for i in range(P):
             ax.plot(layers, res[f"{key}_resid_post"][i], "o-", ms=3, color=colors[i % len(colors)],
                     label=f"{pair(i)}, interp. at {int(res['layer'])}, vs recording layer")

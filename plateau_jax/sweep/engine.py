@@ -37,7 +37,8 @@ class SweepSpec:
 
     layers: interpolation layers L (``blocks.L.hook_resid_post``); n_steps: alpha grid
     ``linspace(0, 1, n_steps)``; path: "slerp" or "linear"; component: per-layer vector whose
-    relative distance is measured; tol: refinement tolerance on alpha (0 = off).
+    relative distance is measured; tol: refinement tolerance on alpha (0 = off);
+    sharpness_width: the alpha-width w of the refined sharpness (:mod:`.stats`), >= 2 tol.
     """
 
     layers: Tuple[int, ...] = (0,)
@@ -45,6 +46,7 @@ class SweepSpec:
     path: str = "slerp"
     component: str = "resid_post"
     tol: float = 1e-3
+    sharpness_width: float = 0.02
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
@@ -52,6 +54,18 @@ class SweepSpec:
         if self.path not in paths_lib.PATHS:
             raise ValueError(f"path {self.path!r}: expected one of {paths_lib.PATHS}.")
         paths_lib.alpha_grid(self.n_steps)
+        if not self.layers or any(int(l) < 0 for l in self.layers):
+            raise ValueError(f"layers {list(self.layers)}: expected layer numbers >= 0.")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {list(self.layers)}: a layer is given twice.")
+        if not (self.tol >= 0 and np.isfinite(self.tol)):
+            raise ValueError(f"tol={self.tol}: expected a number >= 0 (0 = no refinement).")
+        if not 0 < self.sharpness_width <= 1:
+            raise ValueError(f"sharpness_width={self.sharpness_width}: expected 0 < w <= 1.")
+        if self.tol > self.sharpness_width / 2:
+            raise ValueError(f"tol={self.tol} must be at most sharpness_width/2 = "
+                             f"{self.sharpness_width / 2:g}: the refined boundary has to be located "
+                             "well within the width its sharpness is measured over.")
 
     @property
     def alpha(self) -> np.ndarray:
@@ -89,6 +103,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     refine_iv = core.record_layers({component: every}, L)
 
     def run(alphas, iv):
+        # Stable float32 slerp (NaN for antiparallel endpoints: the pair is reported as failed).
         x = paths_lib.interpolate(a, b, alphas, spec.path).astype(dtype)  # [N, d]
         lg, rc = core.continue_from(params, config, prefix, x[None], entry, iv)
         return lg[0].astype(jnp.float32), {k: v[:, 0] for k, v in rc.items()}
@@ -99,39 +114,59 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     jac = jax.vmap(lambda bp, h, M: mlp_frobenius_gram(bp, config, h, {"M": M}))(
         params["blocks"], mid, grams)
     r = jnp.concatenate([stats.rel_distance(Y), stats.rel_distance(logits)[None]])  # [L + 1, n]
+    dist = jnp.concatenate([stats.dist_curve(Y), stats.dist_curve(logits)[None]])
     step = jnp.concatenate([stats.step_norms(Y), stats.step_norms(logits)[None]])
     lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V]
-    out = dict(r=r, step=step, jac=jac.astype(jnp.float32),
+    out = dict(r=r, dist=dist, step=step, jac=jac.astype(jnp.float32),
                hamming=stats.hamming_steps(rec["mlp.hook_pre"]), mid_step=stats.step_norms(mid),
                kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
-               kl_next=stats.kl_logp(lp[:-1], lp[1:]))
+               kl_next=stats.kl_logp(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
 
-    # Refinement: one extra row per target per round (row t serves target t).
+    # Extra rows: row i serves target tgt[i] (the L layers, then the logits).
+    y0, y1 = Y[:, 0], Y[:, -1]
+
+    def measure(m, tgt):
+        """r, d and log-probabilities at alphas ``m`` [R], row i measured on target tgt[i]."""
+        lg, rc = run(m, refine_iv)  # [R, V], {site: [L, R, X]}
+        t = jnp.clip(tgt, 0, L - 1)
+        sel = rc[component].astype(jnp.float32)[t, jnp.arange(m.shape[0])]  # [R, X]
+        on_layer = tgt < L
+        r_m = jnp.where(on_layer, stats.rel_distance_to(sel, y0[t], y1[t]),
+                        stats.rel_distance_to(lg, logits[0], logits[-1]))
+        d_m = jnp.where(on_layer, stats.dist_to(sel, y0[t], y1[t]),
+                        stats.dist_to(lg, logits[0], logits[-1]))
+        return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
+
+    targets = jnp.arange(L + 1)
     kstar, br = refine.steepest_step(r, alpha)
     br = br._replace(aux_lo=lp[kstar], aux_hi=lp[kstar + 1])
-    y0, y1 = Y[:, 0], Y[:, -1]
-    idx = jnp.arange(L)
 
-    def eval_fn(m):
-        lg, rc = run(m, refine_iv)  # [L + 1, V], {site: [L, L + 1, X]}
-        Ym = rc[component].astype(jnp.float32)
-        r_m = jnp.concatenate([stats.rel_distance_to(Ym[idx, idx], y0, y1),
-                               stats.rel_distance_to(lg[-1], logits[0], logits[-1])[None]])
-        return r_m, jax.nn.log_softmax(lg, axis=-1)
+    def eval_fn(m):  # one extra row per target per round
+        r_m, _, lp_m = measure(m, targets)
+        return r_m, lp_m
 
     br = refine.refine_boundary(eval_fn, br, spec.rounds)
     out.update(kstar=kstar.astype(jnp.int32), ref_lo=br.lo, ref_hi=br.hi, ref_r_lo=br.r_lo,
                ref_r_hi=br.r_hi, ref_kl=stats.kl_logp(br.aux_lo, br.aux_hi))
+    # The fixed-width window around the refined boundary: both ends evaluated exactly.
+    lo, hi = refine.window(br, spec.sharpness_width)
+    r_w, d_w, _ = measure(jnp.concatenate([lo, hi]), jnp.concatenate([targets, targets]))
+    T = L + 1
+    out.update(win_lo=lo, win_hi=hi, win_r_lo=r_w[:T], win_r_hi=r_w[T:], win_d_lo=d_w[:T],
+               win_d_hi=d_w[T:])
     downstream = jnp.arange(L + 1) > layer  # targets: layers, then the logits
-    rows = {"r": downstream, "step": downstream, "ref_lo": downstream, "ref_hi": downstream,
-            "ref_kl": downstream, "jac": downstream[:L], "hamming": downstream[:L],
-            "mid_step": downstream[:L]}
+    rows = {k: downstream for k in ("r", "dist", "step", "ref_lo", "ref_hi", "ref_kl", "win_lo",
+                                    "win_hi")}
+    rows.update({"jac": downstream[:L], "hamming": downstream[:L], "mid_step": downstream[:L]})
+    # r and d may be NaN where a target does not move; those are not failures.
+    nan_ok = ("r", "dist", "kstar", "ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo",
+              "win_d_hi")
     checked = [jnp.where(rows[k].reshape(rows[k].shape + (1,) * (v.ndim - 1)), v, 0.0)
-               if k in rows else v for k, v in out.items()
-               if k not in ("r", "kstar", "ref_r_lo", "ref_r_hi")]
+               if k in rows else v for k, v in out.items() if k not in nan_ok]
     out["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]
                                       + [jnp.all(jnp.isfinite(logits))]))
-    rows["ref_r_lo"] = rows["ref_r_hi"] = downstream
+    for k in ("ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo", "win_d_hi"):
+        rows[k] = downstream
     for k, keep in rows.items():  # targets not downstream of the interpolation: NaN
         out[k] = jnp.where(keep.reshape(keep.shape + (1,) * (out[k].ndim - 1)), out[k], jnp.nan)
     return out

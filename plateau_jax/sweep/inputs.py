@@ -138,14 +138,24 @@ def read_pairs_file(path: str) -> Tuple[List[PairRow], List[RowError]]:
 
 def encode_rows(tokenizer, rows: Sequence[PairRow], max_positions: int
                 ) -> Tuple[List[Tuple[int, PromptPair]], List[RowError]]:
-    """Tokenises and checks rows; returns ([(line, PromptPair)], errors)."""
-    good, errors = [], []
+    """Tokenises and checks rows; returns ([(line, PromptPair)], errors).
+
+    A row whose pair (same context tokens, same two ending tokens) was seen on an earlier line is
+    an error ("duplicate of line N"): counting one pair twice would weight it double."""
+    good, errors, seen = [], [], {}
     for row in rows:
         try:
-            good.append((row.line, encode_pair(tokenizer, row.context, row.ending_a, row.ending_b,
-                                               max_positions)))
+            pair = encode_pair(tokenizer, row.context, row.ending_a, row.ending_b, max_positions)
         except PromptError as e:
             errors.append(RowError(row.line, str(e), json.dumps(row.as_json())))
+            continue
+        key = (tuple(int(t) for t in pair.context_ids), pair.token_a, pair.token_b)
+        if key in seen:
+            errors.append(RowError(row.line, f"duplicate of line {seen[key]} (the same pair); "
+                                             "each pair is used once", json.dumps(row.as_json())))
+            continue
+        seen[key] = row.line
+        good.append((row.line, pair))
     return good, errors
 
 
@@ -221,11 +231,14 @@ def random_pairs(model, contexts: Sequence[str], n: int, seed: int = 0,
                 cands.append(s)
     if len(cands) < 2:
         raise PromptError("fewer than two candidate endings.")
-    rows, tries = [], 0
+    rows, tries, used = [], 0, set()
     while len(rows) < n and tries < max_tries * max(n, 1):
         tries += 1
         c = contexts[len(rows) % len(contexts)]
         i, j = rng.choice(len(cands), size=2, replace=False)
+        if (c, i, j) in used:  # draw again: a pair is used once
+            continue
+        used.add((c, i, j))
         try:
             encode_pair(tok, c, cands[i], cands[j], model.config.n_positions)
         except PromptError as e:

@@ -1,16 +1,21 @@
-"""Adaptive boundary refinement: bisect alpha inside the steepest grid step.
+"""Adaptive boundary refinement: bisect alpha inside the steepest grid step, then measure the
+sharpness over a fixed width around the refined boundary.
 
 The grid boundary ``alpha*`` is the midpoint of the steepest step, so it (and the sharpness S)
 depends on the grid. Refinement halves that step repeatedly, each time keeping the half in which
 ``r`` rises more (the left half on ties, matching ``argmax``'s first-maximum rule), until the
 bracket is no wider than ``tol``. For a jump the bracket closes on the jump; for a smooth
-transition it closes on the point of steepest rise. Refined values::
+transition it closes on a point of steep rise. Refined values::
 
-    alpha*_ref = (lo + hi) / 2,   S_ref = (r(hi) - r(lo)) / (hi - lo)
+    alpha*_ref = (lo + hi) / 2
+    S_ref      = (r(c + w/2) - r(c - w/2)) / w,   c = alpha*_ref  (window kept inside [0, 1])
 
-``S_ref`` no longer depends on the grid: for a smooth curve it converges to ``max dr/dalpha``;
-for a true discontinuity of height h it is ``h / width`` with width <= tol (so it reports the
-tolerance, as any finite-difference sharpness must).
+with both window ends evaluated exactly (:func:`window`). The bracket itself is not used for S:
+its final width lies anywhere between tol/2 and tol depending on the grid, so ``h / width``
+(the previous definition) changed with ``n_steps``. ``S_ref`` at a fixed width ``w`` does not:
+for a jump of height h it is ``h / w`` plus the smooth part, for a smooth curve the mean slope
+over the width-w window at the boundary (``-> max dr/dalpha`` as w -> 0), and it converges as
+``tol -> 0`` whatever the grid.
 
 Everything here is traceable (``jit``/``vmap``/``shard_map``): the number of rounds is static.
 """
@@ -87,5 +92,15 @@ def refine_boundary(eval_fn: Callable, bracket: Bracket, rounds: int) -> Bracket
 
 
 def refined_values(bracket: Bracket):
-    """``(alpha*_ref, S_ref)`` from a refined bracket."""
+    """``(alpha*_ref, bracket slope)`` from a refined bracket. The bracket slope
+    ``(r(hi) - r(lo)) / (hi - lo)`` depends on the grid (see the module doc); the sharpness to
+    report is the fixed-width slope over :func:`window`."""
     return 0.5 * (bracket.lo + bracket.hi), (bracket.r_hi - bracket.r_lo) / (bracket.hi - bracket.lo)
+
+
+def window(bracket: Bracket, width: float):
+    """``(lo, hi)``, ``hi - lo = width``: the window centred on the refined boundary, shifted to
+    lie inside [0, 1] when the boundary is within ``width/2`` of an end."""
+    c = 0.5 * (bracket.lo + bracket.hi)
+    lo = jnp.clip(c - 0.5 * width, 0.0, 1.0 - width)
+    return lo, lo + width

@@ -9,8 +9,11 @@ Layout of ``output_dir``::
 
 Each shard is written with an atomic rename, so one that exists is complete; a restarted run
 with the same command skips those and computes the rest, ending with the same files as an
-uninterrupted run. Under ``jax.distributed`` every process runs the same loop; process 0
-decides what is left to do and writes the files (use a directory process 0 can write).
+uninterrupted run. The configuration is checked against ``manifest.json`` before anything is
+written (:func:`check_output`); a different one is refused (:class:`ConfigMismatchError`) unless
+``overwrite``, which deletes the old sweep's files first (:func:`clear_sweep`). Under
+``jax.distributed`` every process runs the same loop; process 0 decides what is left to do and
+writes the files (use a directory process 0 can write).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,16 +33,23 @@ import numpy as np
 from plateau_jax import files
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import GPT2
+from plateau_jax.plateaus import paths as paths_lib
+from plateau_jax.plateaus.interpolation import dtype_hint
 from plateau_jax.plateaus.prompts import PromptPair
 from plateau_jax.sweep import stats as stats_lib
 from plateau_jax.sweep.engine import SweepEngine, SweepSpec
 from plateau_jax.sweep.inputs import RowError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: S on r and on d, fixed-width refined sharpness, endpoint angle
 MANIFEST = "manifest.json"
+# Everything a sweep writes into its output directory (clear_sweep removes these).
+SWEEP_FILES = (MANIFEST, "pairs.jsonl", "errors.jsonl", "shards", "input_pairs.jsonl",
+               "generator_skipped.jsonl", "report")
+# Configuration keys known before the model loads (checked first by the script).
+EARLY_KEYS = ("format", "spec", "batch_size", "plateau_tol", "plateau_width", "input")
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(files.OutputConflictError, RuntimeError):
     """The output directory holds a sweep with a different configuration."""
 
 
@@ -86,21 +98,30 @@ def context_length(pairs, n_positions: Optional[int] = None) -> int:
     return rounded if n_positions is None else min(rounded, int(n_positions))
 
 
+def early_config(spec: SweepSpec, batch_size: int, plateau_tol: float, plateau_width: float,
+                 extra: Optional[dict] = None) -> dict:
+    """The part of :func:`sweep_config` known without the model and the pairs."""
+    return {
+        "format": FORMAT_VERSION,
+        "spec": {"layers": list(spec.layers), "n_steps": spec.n_steps, "path": spec.path,
+                 "component": spec.component, "tol": spec.tol,
+                 "sharpness_width": spec.sharpness_width, "entry_site": "resid_post"},
+        "batch_size": int(batch_size),
+        "plateau_tol": float(plateau_tol),
+        "plateau_width": float(plateau_width),
+        **(extra or {}),
+    }
+
+
 def sweep_config(model: GPT2, pairs, spec: SweepSpec, batch_size: int, plateau_tol: float,
                  plateau_width: float, extra: Optional[dict] = None) -> dict:
     """Everything that determines the sweep's results (hashed into the manifest)."""
     return {
-        "format": FORMAT_VERSION,
-        "spec": {"layers": list(spec.layers), "n_steps": spec.n_steps, "path": spec.path,
-                 "component": spec.component, "tol": spec.tol, "entry_site": "resid_post"},
-        "batch_size": int(batch_size),
+        **early_config(spec, batch_size, plateau_tol, plateau_width, extra),
         "context_length": context_length(pairs, model.config.n_positions) if pairs else 0,
-        "plateau_tol": float(plateau_tol),
-        "plateau_width": float(plateau_width),
         "model": {"name": model.name, "config": model.config.__dict__,
                   "fingerprint": model_fingerprint(model), "dtype": str(model.dtype)},
         "pairs": {"n": len(pairs), "fingerprint": pairs_fingerprint(pairs)},
-        **(extra or {}),
     }
 
 
@@ -115,31 +136,82 @@ def _diff_keys(a, b, prefix=""):
     return out
 
 
-def open_output(output_dir: str, config: dict) -> str:
+def read_manifest(output_dir: str) -> Optional[dict]:
+    """The manifest of ``output_dir``, or None if there is none; an unreadable one is an error."""
+    path = os.path.join(output_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigMismatchError(f"{path} cannot be read ({e}); pass --overwrite to start a new "
+                                  "sweep there, or use another --output_dir.") from None
+
+
+def check_output(output_dir: str, config: dict, keys: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Compares ``config`` (only ``keys`` of it, if given) with the sweep in ``output_dir``
+    without writing anything. Returns the stored config hash (None if there is no sweep);
+    raises :class:`ConfigMismatchError` naming the differing settings."""
+    old = read_manifest(output_dir)
+    if old is None:
+        return None
+    stored = json.loads(json.dumps(old.get("config", {}), default=str))
+    now = json.loads(json.dumps(config, default=str))
+    if keys is not None:
+        stored = {k: stored.get(k) for k in keys}
+        now = {k: now.get(k) for k in keys}
+    elif old.get("config_hash") == config_hash(config):
+        return old["config_hash"]
+    diffs = [d for d in _diff_keys(stored, now) if not d.startswith("model.name:")]
+    if keys is None and not diffs:  # same settings, other hash: another format version
+        diffs = [f"config hash {old.get('config_hash')} (on disk) vs {config_hash(config)} (now)"]
+    if diffs:
+        raise ConfigMismatchError(
+            f"{output_dir!r} holds a sweep with a different configuration; refusing to mix "
+            f"results. Differences: {'; '.join(diffs[:10])}. Use a new --output_dir, the "
+            "original settings, or --overwrite to delete that sweep and start this one.")
+    return old.get("config_hash")
+
+
+def clear_sweep(output_dir: str) -> None:
+    """Deletes a sweep's files from ``output_dir`` (manifest first, so a sweep killed halfway
+    through is never mistaken for the old one; other files in the directory are kept)."""
+    for name in SWEEP_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+    for entry in os.listdir(output_dir):  # the report's version directories
+        if entry.startswith(".report-"):
+            shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+
+
+def open_output(output_dir: str, config: dict, overwrite: bool = False,
+                rejected_rows: int = 0) -> str:
     """Creates or checks ``manifest.json``; returns the config hash.
 
     Raises :class:`ConfigMismatchError` (naming the differing settings) if the directory holds
-    a sweep with another configuration.
+    a sweep with another configuration, unless ``overwrite`` (which deletes that sweep first).
     """
     files.prepare_output_dir(output_dir)
-    os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
     h = config_hash(config)
-    path = os.path.join(output_dir, MANIFEST)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("config_hash") != h:
-            diffs = [d for d in _diff_keys(json.loads(json.dumps(old.get("config", {}), default=str)),
-                                           json.loads(json.dumps(config, default=str)))
-                     if not d.startswith("model.name:")]
-            raise ConfigMismatchError(
-                f"{output_dir!r} holds a sweep with a different configuration; refusing to mix "
-                f"results. Differences: {'; '.join(diffs[:10]) or 'format'}. Use a new "
-                "--output_dir or the original settings.")
-        return h
+    try:
+        if check_output(output_dir, config) is not None:
+            os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
+            return h
+    except ConfigMismatchError:
+        if not overwrite:
+            raise
+        if jax.process_index() == 0:
+            logging.warning("--overwrite: deleting the sweep in %s", output_dir)
+            clear_sweep(output_dir)
     if jax.process_index() == 0:
-        files.atomic_write_json(path, {"config": config, "config_hash": h,
-                                    **files.run_metadata()})
+        os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
+        files.atomic_write_json(os.path.join(output_dir, MANIFEST),
+                                {"config": config, "config_hash": h,
+                                 "rejected_rows": int(rejected_rows), **files.run_metadata()})
     return h
 
 
@@ -182,21 +254,38 @@ def _run_batch(engine: SweepEngine, layer, ids, lengths, ta, tb, pad_to):
     return {k: np.concatenate([o[k] for o in outs]) for k in ref}, failed
 
 
+def failure_reason(spec: SweepSpec, layer: int, angle: float, dtype) -> str:
+    """Why a pair's values are not finite: slerp's antiparallel refusal, or the dtype/weights."""
+    if spec.path == "slerp" and angle > math.pi - paths_lib.ANTIPARALLEL_TOL:
+        return (f"endpoints at layer {layer} are {math.degrees(angle):.4f} degrees apart, within "
+                f"{paths_lib.ANTIPARALLEL_TOL:g} rad "
+                f"({math.degrees(paths_lib.ANTIPARALLEL_TOL):.3g} degrees) of antiparallel, "
+                "where slerp is undefined; use --path=linear")
+    return f"non-finite values interpolating at layer {layer}{dtype_hint(dtype)}"
+
+
 def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepSpec,
               output_dir: str, *, batch_size: int = 64, plateau_tol: float = 0.05,
               plateau_width: float = 0.5, input_errors: Sequence[RowError] = (),
               extra_config: Optional[dict] = None, engine: Optional[SweepEngine] = None,
-              show_progress: bool = True) -> dict:
-    """Runs (or resumes) a sweep into ``output_dir``; returns a small summary dict."""
+              show_progress: bool = True, overwrite: bool = False,
+              before_write=None) -> dict:
+    """Runs (or resumes) a sweep into ``output_dir``; returns a small summary dict.
+
+    Nothing is written before the configuration has been checked against the directory's
+    manifest; ``before_write()`` (e.g. writing generated input files) runs right after that
+    check, on process 0."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1.")
     pairs = list(pairs)
     for L in spec.layers:  # before anything is written
         sites_lib.check_layer(L, model.config, what="interpolation layer")
     config = sweep_config(model, pairs, spec, batch_size, plateau_tol, plateau_width, extra_config)
-    h = open_output(output_dir, config)
+    h = open_output(output_dir, config, overwrite, rejected_rows=len(input_errors))
     n_layer = model.config.n_layer
     primary = jax.process_index() == 0
+    if primary and before_write is not None:
+        before_write()
     if primary:
         files.atomic_write_bytes(os.path.join(output_dir, "pairs.jsonl"), "".join(
             json.dumps({"index": i, "line": line, "context": p.context, "ending_a": p.ending_a,
@@ -237,7 +326,8 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
         curves, failed = _run_batch(engine, L, ids, lengths, ta, tb, batch_size)
         st = stats_lib.pair_stats(curves, spec.alpha, plateau_tol, plateau_width)
         ok = curves["finite"].astype(bool) & np.array([j not in failed for j in range(len(chunk))])
-        reasons = [failed.get(j, "" if ok[j] else f"non-finite values interpolating at layer {L}")
+        reasons = [failed[j] if j in failed else "" if ok[j] else
+                   failure_reason(spec, L, float(curves["angle"][j]), model.dtype)
                    for j in range(len(chunk))]
         if primary:
             arrays = {"config_hash": np.array(h), "layer": np.array(L), "batch": np.array(i),
@@ -251,6 +341,7 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
         bar.update(len(chunk))
         if delay:
             time.sleep(delay)
+        files.fault_point("compute")
     bar.close()
     dt = time.time() - t0
     if primary:

@@ -1,25 +1,38 @@
 """Per-pair statistics: small curves reduced on device, scalar statistics on the host.
 
 Device side (JAX, inside the sharded call; never returns raw activations): for every recording
-target (each downstream layer's component, then the logits) the relative-distance curve ``r`` and
-step sizes; for every downstream MLP the exact Jacobian Frobenius norm at each step and the
-spline Hamming counts and ``resid_mid`` step lengths; KL of the next-token distributions.
+target (each downstream layer's component, then the logits) the relative-distance curve ``r``,
+the distance curve ``d`` and step sizes; for every downstream MLP the exact Jacobian Frobenius
+norm at each step and the spline Hamming counts and ``resid_mid`` step lengths; KL of the
+next-token distributions; the endpoints' angle.
 
-Host side (numpy, float64, :func:`pair_stats`): sharpness and boundary from issue 3's metrics
-(via :mod:`plateau_jax.sweep.backends`), plateau widths, KL at the boundary, Jacobian-norm and
-spline-density peaks, and the refined boundary from the device bracket.
+Host side (numpy, float64, :func:`pair_stats`): sharpness and boundary from
+:mod:`plateau_jax.plateaus.metrics`, plateau widths, KL at the boundary, Jacobian-norm and
+spline-density peaks, and the refined values from the device bracket and window.
 
-Definitions (``n`` steps at ``alpha_k``; ``k*`` the steepest step of ``r``):
+Two curves, two sharpnesses (different numbers; never compare one with the other):
 
-* ``S_grid = max_k (r_{k+1}-r_k)/(alpha_{k+1}-alpha_k)``, ``alpha*_grid = (alpha_k* + alpha_k*+1)/2``.
-* ``S_ref``, ``alpha*_ref``: after bisecting the steepest step to ``tol`` (:mod:`.refine`).
+* ``r_k = |y_k - y_0| / (|y_k - y_0| + |y_k - y_{n-1}|)``, the study's relative distance;
+* ``d_k = |y_k - y_0| / |y_{n-1} - y_0|``, the "stable regions" work's distance curve.
+
+Definitions (``n`` steps at ``alpha_k``; ``k*`` the steepest step of ``r``; ``w`` =
+``sharpness_width``):
+
+* ``S_r_grid = max_k (r_{k+1}-r_k)/(alpha_{k+1}-alpha_k)``, ``S_d_grid`` the same on ``d``;
+  ``alpha_grid = (alpha_k* + alpha_k*+1)/2`` (located on r).
+* ``alpha_ref``: the midpoint of the steepest step of r after bisecting it to ``tol``
+  (:mod:`.refine`); ``ref_width`` the final bracket's width.
+* ``S_r_ref = (r(hi_w) - r(lo_w)) / w`` over the window ``[lo_w, hi_w]`` of width ``w`` centred on
+  ``alpha_ref`` (shifted inside [0, 1] near an end), both ends evaluated exactly;
+  ``S_d_ref`` the same on ``d`` over the same window (so at the boundary located on r).
+  Independent of ``n_steps``; for a jump of height h, ``h / w`` plus the smooth part.
 * plateau widths: ``width_a = max{alpha_k : r_j <= tol_p for all j <= k}``,
   ``width_b = 1 - min{alpha_k : r_j >= 1 - tol_p for all j >= k}`` (tol_p = 0.05 by default),
   ``width = width_a + width_b`` (a straight line ``r = alpha`` gives about 2 tol_p), and a pair
   counts as a plateau at a target when ``width >= plateau_width`` (default 0.5).
 * ``kl_boundary_grid = KL(p(alpha_k*) || p(alpha_k*+1))`` (nats): how much the next-token
   distribution changes across the boundary step; ``kl_boundary_ref`` the same across the refined
-  bracket. ``kl_ab = KL(p_A || p_B)`` for scale.
+  bracket.
 * ``jac_peak_alpha``/``jac_peak``: argmax over steps (first on ties) and max of
   ``||d mlp_out_l / d resid_mid_l||_F`` for the MLP of the recording layer l (its MLP runs before
   its resid_post); NaN for the logits target.
@@ -54,6 +67,17 @@ def rel_distance_to(y, y0, y1):
     return da / (da + db)
 
 
+def dist_curve(y):
+    """``[..., n, X] -> [..., n]``: |y_k - y_0| / |y_{n-1} - y_0| (JAX)."""
+    d = jnp.linalg.norm(y - y[..., :1, :], axis=-1)
+    return d / d[..., -1:]
+
+
+def dist_to(y, y0, y1):
+    """Distance curve value of points ``y`` ``[..., X]``: |y - y0| / |y1 - y0|."""
+    return jnp.linalg.norm(y - y0, axis=-1) / jnp.linalg.norm(y1 - y0, axis=-1)
+
+
 def step_norms(y):
     """``[..., n, X] -> [..., n-1]``: |y_{k+1} - y_k|."""
     return jnp.linalg.norm(jnp.diff(y, axis=-2), axis=-1)
@@ -72,9 +96,9 @@ def kl_logp(lp, lq):
 
 # ----------------------------------------------------------------------------- host side
 
-STAT_NAMES = ("S_grid", "alpha_grid", "S_ref", "alpha_ref", "ref_width", "width_a", "width_b",
-              "width", "plateau", "kl_boundary_grid", "kl_boundary_ref", "jac_peak_alpha",
-              "jac_peak", "spline_peak_alpha", "spline_peak")
+STAT_NAMES = ("S_r_grid", "S_r_ref", "S_d_grid", "S_d_ref", "alpha_grid", "alpha_ref",
+              "ref_width", "width_a", "width_b", "width", "plateau", "kl_boundary_grid",
+              "kl_boundary_ref", "jac_peak_alpha", "jac_peak", "spline_peak_alpha", "spline_peak")
 
 
 def plateau_widths(r, alpha, tol: float = 0.05):
@@ -110,27 +134,31 @@ def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
 
     ``curves`` (``P`` pairs, ``T`` targets = ``nl`` layers then the logits)::
 
-      r [P, T, n], jac [P, nl, n], hamming [P, nl, n-1], mid_step [P, nl, n-1],
-      kl_next [P, n-1], ref_lo, ref_hi, ref_r_lo, ref_r_hi, ref_kl [P, T]
+      r, dist [P, T, n], jac [P, nl, n], hamming [P, nl, n-1], mid_step [P, nl, n-1],
+      kl_next [P, n-1], ref_lo, ref_hi, ref_kl, win_lo, win_hi, win_r_lo, win_r_hi,
+      win_d_lo, win_d_hi [P, T]
 
     Returns ``{name: [P, T]}`` for every name in :data:`STAT_NAMES` (``plateau`` as 0/1).
     """
     alpha = np.asarray(alpha, np.float64)
-    r = np.asarray(curves["r"], np.float64)
+    f64 = lambda c: np.asarray(curves[c], np.float64)
+    r = f64("r")
     P, T, n = r.shape
     nl = curves["jac"].shape[1]
-    out = {"S_grid": metrics.sharpness(r, alpha), "alpha_grid": metrics.boundary(r, alpha)}
+    out = {"S_r_grid": metrics.sharpness(r, alpha), "S_d_grid": metrics.sharpness(f64("dist"), alpha),
+           "alpha_grid": metrics.boundary(r, alpha)}
     s = metrics.slopes(r, alpha)
     k = np.argmax(np.where(np.isnan(s), -np.inf, s), axis=-1)  # the same k* as boundary()
-    kl_next = np.asarray(curves["kl_next"], np.float64)
-    out["kl_boundary_grid"] = np.where(np.isnan(out["S_grid"]), np.nan,
+    kl_next = f64("kl_next")
+    out["kl_boundary_grid"] = np.where(np.isnan(out["S_r_grid"]), np.nan,
                                        np.take_along_axis(kl_next, k, axis=-1))
-    lo, hi = (np.asarray(curves[c], np.float64) for c in ("ref_lo", "ref_hi"))
-    rlo, rhi = (np.asarray(curves[c], np.float64) for c in ("ref_r_lo", "ref_r_hi"))
+    lo, hi = f64("ref_lo"), f64("ref_hi")
     out["alpha_ref"] = 0.5 * (lo + hi)
-    out["S_ref"] = (rhi - rlo) / (hi - lo)
     out["ref_width"] = hi - lo
-    out["kl_boundary_ref"] = np.asarray(curves["ref_kl"], np.float64)
+    w = f64("win_hi") - f64("win_lo")
+    out["S_r_ref"] = (f64("win_r_hi") - f64("win_r_lo")) / w
+    out["S_d_ref"] = (f64("win_d_hi") - f64("win_d_lo")) / w
+    out["kl_boundary_ref"] = f64("ref_kl")
     wa, wb = plateau_widths(r, alpha, plateau_tol)
     out["width_a"], out["width_b"], out["width"] = wa, wb, wa + wb
     out["plateau"] = (out["width"] >= plateau_width).astype(np.float64)
