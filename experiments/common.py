@@ -22,6 +22,8 @@ def define_model_flags():
         return
     flags.DEFINE_string("model", DEFAULT_MODEL,
                         "Hub id (gpt2, gpt2-large, ...), local checkpoint directory, or shipped name.")
+    flags.DEFINE_string("revision", None, "Hub revision of --model: a branch, tag or commit "
+                        "(e.g. Pythia's training checkpoints step0 ... step143000).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Params/compute dtype.")
     flags.DEFINE_enum("ln_mode", "auto", ["auto", "normal", "identity"],
                       "LayerNorm handling; auto = identity for LayerNorm-free checkpoints.")
@@ -36,7 +38,7 @@ def load_model_from_flags() -> plateau_jax.GPT2:
     logging.info("Loading %s", FLAGS.model)
     return plateau_jax.load_gpt2(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
                                  center_writing_weights=FLAGS.center_writing_weights,
-                                 allow_pickle=FLAGS.allow_pickle)
+                                 allow_pickle=FLAGS.allow_pickle, revision=FLAGS.revision)
 
 
 def resolved_flags(module_names=None) -> dict:
