@@ -88,6 +88,7 @@ def test_revisions_resolve_against_a_local_hub_cache(pythia_like):
         plateau_jax.load_model(repo, revision="step7", cache_dir=cache)
 
 
+@pytest.mark.slow
 def test_emergence_over_revisions(pythia_like, tmp_path):
     repo, cache, dirs = pythia_like
     ckpts = emergence.revision_checkpoints(repo, ["step1000", "step0", "step512"])

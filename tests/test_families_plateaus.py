@@ -16,14 +16,25 @@ from conftest import random_ids
 FAMILIES = {"neox": testing.tiny_neox_config, "llama": testing.tiny_llama_config}
 
 
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def model(request, tmp_path_factory):
+def model(request):
+    """A random model (weights x3: every nonlinearity matters); no tokenizer."""
+    m = pj.init_model(FAMILIES[request.param](vocab_size=60), seed=4)
+    return m.replace(params=jax.tree_util.tree_map(lambda a: a * 3.0, m.params))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint_model(request, tmp_path_factory):
+    """A random checkpoint with the tiny tokenizer, loaded (prompts need a tokenizer)."""
     d = str(tmp_path_factory.mktemp(request.param))
     testing.make_checkpoint(d, FAMILIES[request.param](), seed=4, scale=3.0)
     return pj.load_model(d)
 
 
-@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), (1, "resid_post")])
+@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), pytest.param(1, "resid_post", marks=slow)])
 def test_continuation_equals_full_forward_with_substitution(model, layer, where):
     cfg = model.config
     ids = random_ids(cfg.vocab_size, (6,), seed=layer)
@@ -40,6 +51,7 @@ def test_continuation_equals_full_forward_with_substitution(model, layer, where)
         assert np.abs(np.asarray(rec[s]) - np.asarray(want[s][:, -1])).max() <= 1e-5, s
 
 
+@slow
 def test_padded_contexts_put_the_next_token_at_its_rotary_position(model):
     ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (2, 5)]
     padded = np.zeros((2, 5), np.int32)
@@ -53,10 +65,12 @@ def test_padded_contexts_put_the_next_token_at_its_rotary_position(model):
         assert np.abs(np.asarray(logits[i, 0]) - np.asarray(want[0, -1])).max() <= 1e-5
 
 
-def test_plateau_study_freezing_and_figures(model, tmp_path):
+@slow
+def test_plateau_study_freezing_and_figures(checkpoint_model, tmp_path):
     from experiments import plateaus as study
     from plateau_jax.plotting import plateaus as plotting
 
+    model = checkpoint_model
     cfg = model.config
     pairs = prompts.encode_pairs(model.tokenizer, "The house was", prompts.parse_pairs("big:in"),
                                  cfg.n_positions)
@@ -77,9 +91,11 @@ def test_plateau_study_freezing_and_figures(model, tmp_path):
     assert figs and all(open(f, "rb").read(4) == b"\x89PNG" for f in figs)
 
 
-def test_sweep_engine_curves(model):
+@slow
+def test_sweep_engine_curves(checkpoint_model):
     from sweep_helpers import BATCH, SPEC, batch, one_device_engine
 
+    model = checkpoint_model
     cfg = model.config
     pairs, ids, lengths, ta, tb = batch(model, 2)
     out = one_device_engine(model).run(0, ids, lengths, ta, tb, pad_to=BATCH)

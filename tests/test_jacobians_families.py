@@ -38,9 +38,14 @@ def _random_block(cfg, seed):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("ln_mode", ["normal", "identity"])
-@pytest.mark.parametrize("norm,gated", [("layernorm", False), ("rmsnorm", True),
-                                        ("rmsnorm", False), ("layernorm", True)])
+slow = pytest.mark.slow
+CASES = [pytest.param(norm, gated, mode, marks=() if (norm, gated, mode) == ("rmsnorm", True, "normal")
+                      else slow, id=f"{norm}-{'swiglu' if gated else 'plain'}-{mode}")
+         for norm in ("layernorm", "rmsnorm") for gated in (False, True)
+         for mode in ("normal", "identity")]
+
+
+@pytest.mark.parametrize("norm,gated,ln_mode", CASES)
 def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
     cfg = testing.tiny_llama_config(norm=norm, gated_mlp=gated, ln_mode=ln_mode, n_layer=1,
                                     d_model=24, d_mlp=40, mlp_bias=True,
@@ -72,7 +77,8 @@ def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
     assert float(np.min(dense_fro)) > 0.1  # a Jacobian worth comparing
 
 
-@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied", "neox_parallel_quarter_rotary"])
+@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied",
+                                  pytest.param("neox_parallel_quarter_rotary", marks=slow)])
 def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     """transformers' MLP with its post-attention norm, differentiated by torch.func.jacrev in
     float64 (the study's way), against ours in float32."""
@@ -97,7 +103,7 @@ def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     assert e_closed < 1e-5 and e_gram < 1e-4
 
 
-@pytest.mark.parametrize("family", ["neox", "llama"])
+@pytest.mark.parametrize("family", ["neox", pytest.param("llama", marks=slow)])
 def test_sweep_mlp_family_matches_finite_differences(family):
     """jacobian_sweep's "mlp" family (closed-form matrices and Gram norms from one call) against
     central differences of continue_from entering at the MLP's input: resid_pre for NeoX's

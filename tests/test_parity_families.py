@@ -45,6 +45,9 @@ CONFIGS = {
         max_position_embeddings=32)),
 }
 T = 12
+# Run by `pytest -m "not slow"`; the other configs are marked slow (CI runs every test).
+FAST = ("neox_parallel_quarter_rotary", "llama_gqa_llama3_rope")
+PARITY_PARAMS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in sorted(CONFIGS)]
 
 
 def _layers(ref):
@@ -74,7 +77,7 @@ def _max_err(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", PARITY_PARAMS)
 def test_logits_hidden_states_and_block_sites_match_transformers(tmp_path, name):
     model_type, kw = CONFIGS[name]
     ref = torch_causal_lm(model_type, kw, seed=len(name))
@@ -175,6 +178,18 @@ def test_hub_layouts_buffers_shards_and_round_trips(tmp_path, name):
         m = plateau_jax.load_model(str(d), require_tokenizer=False)
         assert m.config == base.config, d
         assert _tree_equal(m.params, base.params), d
+    # TransformerLens' weight centring: exact for LayerNorm models, skipped for RMSNorm ones
+    centred = plateau_jax.load_model(str(tmp_path / "hf"), require_tokenizer=False,
+                                     center_writing_weights=True)
+    if model_type == "gpt_neox":
+        ids = random_ids(kw["vocab_size"], (1, T), seed=3)
+        site = "blocks.1.hook_resid_post"
+        (lc, cc), (lb, cb) = (plateau_jax.forward(m, ids, sites=[site]) for m in (centred, base))
+        assert _max_err(lc, lb) <= 1e-4
+        b = np.asarray(cb[site])
+        np.testing.assert_allclose(cc[site], b - b.mean(-1, keepdims=True), atol=1e-4)
+    else:
+        assert _tree_equal(centred.params, base.params)
     import transformers
     again = getattr(transformers, type(ref).__name__).from_pretrained(
         str(ours), attn_implementation="eager").eval()

@@ -342,9 +342,10 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
     if config.ln_mode == "identity":
         _warn_if_identity_drops_affine(params, config)
     if center_writing_weights:
-        if config.ln_mode == "identity":
-            log.warning("center_writing_weights skipped: without LayerNorm, centring would change "
-                        "the outputs (TransformerLens skips it too).")
+        if config.ln_mode == "identity" or config.norm != "layernorm":
+            log.warning("center_writing_weights skipped: without LayerNorm (identity norms or "
+                        "RMSNorm, which does not remove the mean), centring would change the "
+                        "outputs (TransformerLens skips it too).")
         else:
             params, config = apply_center_writing_weights(params, config)
     return Model(params=params, config=config, tokenizer=tokenizer, name=os.fspath(name_or_path),
