@@ -130,3 +130,44 @@ def test_sweep_mlp_family_matches_finite_differences(family):
     y = np.asarray(fd[pj.site(layer, "mlp_out")], np.float64)
     fd_jac = ((y[:cfg.d_model] - y[cfg.d_model:]) / (2 * eps)).T
     assert _rel(full[1, 0], fd_jac) < 2e-3
+
+
+@slow
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_every_jacobian_family_matches_central_differences_float64(family):
+    """attn, layer, mlp and cumulative Jacobians of the new families (rotary, GQA, parallel
+    residual) against central differences of continue_from, in float64."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        cfg = (testing.tiny_neox_config(vocab_size=60) if family == "neox"
+               else testing.tiny_llama_config(vocab_size=60, attn_bias=True))
+        model = pj.init_model(cfg, seed=3)
+        model = model.replace(params=jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a * 3.0, jnp.float64), model.params))
+        prefix = pj.run_prefix(model, np.array([5, 8, 13], np.int32))
+        x = jax.random.normal(jax.random.PRNGKey(2), (2, cfg.d_model), jnp.float64)
+        out = jac.jacobian_sweep(model, prefix, x, 0, full=("mlp", "attn", "layer", "cumulative"))
+        layer, eps, d = 1, 1e-5, cfg.d_model  # row 0 of the sweep is layer 1
+        E = np.eye(d) * eps
+        mlp_in = pj.model.sites.mlp_input(cfg)
+        _, rec = pj.continue_from(model, prefix, x, 0, sites=[pj.site(layer, "resid_pre"),
+                                                              pj.site(layer, mlp_in)])
+
+        def fd(point, site, read, entry_layer=layer):
+            _, r = pj.continue_from(model, prefix, np.concatenate([point + E, point - E]),
+                                    entry_layer, site, sites=[read])
+            y = np.asarray(r[read])
+            return ((y[:d] - y[d:]) / (2 * eps)).T
+
+        for k in range(2):
+            pre = np.asarray(rec[pj.site(layer, "resid_pre")])[k]
+            mid = np.asarray(rec[pj.site(layer, mlp_in)])[k]
+            want = {"attn": fd(pre, "resid_pre", pj.site(layer, "attn_out")),
+                    "layer": fd(pre, "resid_pre", pj.site(layer, "resid_post")),
+                    "mlp": fd(mid, mlp_in, pj.site(layer, "mlp_out")),
+                    "cumulative": fd(np.asarray(x)[k], "resid_post", pj.site(layer, "resid_post"), 0)}
+            for fam, J in want.items():
+                assert _rel(out[f"{fam}_full"][0, k], J) < 1e-7, (fam, k)
+    finally:
+        jax.config.update("jax_enable_x64", old)
