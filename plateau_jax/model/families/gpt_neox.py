@@ -62,11 +62,7 @@ def config_from_hf(raw, *, ln_mode: str = "auto") -> ModelConfig:
     bias = bool(raw.get("attention_bias", True))
     return ModelConfig(
         family="gpt_neox",
-        vocab_size=hf_config.need(raw, "vocab_size"),
-        n_positions=n_positions,
-        d_model=d_model,
-        n_layer=hf_config.need(raw, "num_hidden_layers"),
-        n_head=n_head,
+        **hf_config.sizes(raw, n_positions),
         d_mlp=int(raw.get("intermediate_size", 4 * d_model)),
         norm="layernorm",
         norm_eps=float(raw.get("layer_norm_eps", 1e-5)),

@@ -35,6 +35,13 @@ def need(raw: Mapping, key: str) -> int:
     return int(raw[key])
 
 
+def sizes(raw: Mapping, n_positions: int) -> dict:
+    """The :class:`ModelConfig` sizes every rotary family spells the same way in ``config.json``."""
+    return dict(vocab_size=need(raw, "vocab_size"), n_positions=n_positions,
+                d_model=need(raw, "hidden_size"), n_layer=need(raw, "num_hidden_layers"),
+                n_head=need(raw, "num_attention_heads"))
+
+
 def activation(raw: Mapping, problems: List[str], default: str) -> str:
     name = raw.get("hidden_act", default)
     if name not in ACTIVATIONS:

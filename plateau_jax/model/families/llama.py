@@ -78,11 +78,7 @@ def config_from_hf(raw, *, ln_mode: str = "auto") -> ModelConfig:
     attn_bias, out_bias, mlp_bias = _biases(raw, model_type)
     return ModelConfig(
         family="llama",
-        vocab_size=hf_config.need(raw, "vocab_size"),
-        n_positions=n_positions,
-        d_model=d_model,
-        n_layer=hf_config.need(raw, "num_hidden_layers"),
-        n_head=n_head,
+        **hf_config.sizes(raw, n_positions),
         n_kv_head=int(n_kv) if n_kv is not None else _KV_HEADS_DEFAULT.get(model_type, n_head),
         d_head=d_head,
         d_mlp=hf_config.need(raw, "intermediate_size"),
