@@ -41,6 +41,8 @@ import re
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from plateau_jax.plateaus import metrics
 
 FLAGS = flags.FLAGS
@@ -63,6 +65,7 @@ def define_flags():
     flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
     flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
     flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+    common.define_runtime_flags()
 
 
 # ----------------------------------------------------------------------------- metric helpers
@@ -168,7 +171,7 @@ def _quartiles(v):
 
 
 def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp",
-        heldout_loss=None, cache_dir=None) -> dict:
+        heldout_loss=None, cache_dir=None, precision: str = "highest") -> dict:
     """Analyses every checkpoint, ``(step, directory)`` or ``(step, hub id or directory,
     revision)``; returns {"checkpoints": [...], "summary": [...]}. Every checkpoint runs the same
     prompt pairs."""
@@ -182,7 +185,8 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
     results, summary = [], []
     for step, source, *rev in files.progress(checkpoints, "checkpoints"):
         revision = rev[0] if rev else None
-        model = plateau_jax.load_model(source, revision=revision, cache_dir=cache_dir)
+        model = plateau_jax.load_model(source, revision=revision, cache_dir=cache_dir,
+                                       matmul_precision=precision)
         pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
                  for c in contexts for a, b in pairs_raw]
         per_pair = [analyse_pair(model, p, layer, alpha, path) for p in pairs]
@@ -298,8 +302,9 @@ def main(argv):
     files.write_config(out, {f: getattr(FLAGS, f) for f in
                              ("model", "revisions", "cache_dir", "run_dir", "checkpoints",
                               "contexts", "pairs", "layer", "n_steps", "path")})
+    common.apply_runtime_flags()
     res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout,
-              cache_dir=FLAGS.cache_dir)
+              cache_dir=FLAGS.cache_dir, precision=FLAGS.matmul_precision)
     n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
     res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
     files.atomic_write_json(os.path.join(out, "results.json"), res)
