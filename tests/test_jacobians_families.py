@@ -39,8 +39,9 @@ def _random_block(cfg, seed):
 
 
 slow = pytest.mark.slow
-CASES = [pytest.param(norm, gated, mode, marks=() if (norm, gated, mode) == ("rmsnorm", True, "normal")
-                      else slow, id=f"{norm}-{'swiglu' if gated else 'plain'}-{mode}")
+FAST_CASE = ("rmsnorm", True, "normal")  # Llama's; the fast suite skips its float64 re-run
+CASES = [pytest.param(norm, gated, mode, marks=() if (norm, gated, mode) == FAST_CASE else slow,
+                      id=f"{norm}-{'swiglu' if gated else 'plain'}-{mode}")
          for norm in ("layernorm", "rmsnorm") for gated in (False, True)
          for mode in ("normal", "identity")]
 
@@ -64,6 +65,9 @@ def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
     assert _rel(gram, dense_fro) < 1e-4
     grams = mlp_jacobian.mlp_grams(bp, cfg)
     assert grams["M"].shape == ((3,) if gated else ()) + (cfg.d_mlp, cfg.d_mlp)
+    assert float(np.min(dense_fro)) > 0.1  # a Jacobian worth comparing
+    if (norm, gated, ln_mode) == FAST_CASE:
+        return
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:  # float64: the identities are exact, not approximately true
@@ -74,7 +78,6 @@ def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
         assert _rel(g64, np.linalg.norm(np.asarray(a64), axis=(-2, -1))) < 1e-12
     finally:
         jax.config.update("jax_enable_x64", old)
-    assert float(np.min(dense_fro)) > 0.1  # a Jacobian worth comparing
 
 
 @pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied",
