@@ -183,7 +183,7 @@ def main():
             print(f"    max rel. difference to torch norms: {err:.1e}; RATIO (b, one pair) = "
                   f"{res['base_ab'] / best:.1f}x", flush=True)
         tg0 = time.perf_counter()
-        grams = _block(jac.mlp_grams_for(model, range(nL)))
+        grams = _block(jac.mlp_grams_for(model))
         tg = time.perf_counter() - tg0
         toks = rng.integers(0, cfg.vocab_size, (args.pairs, 2))
         opts = jac.SweepOptions(families=("mlp",), stats=("fro",), cumulative=False,

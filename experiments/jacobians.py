@@ -186,7 +186,7 @@ def main(argv):
     grams = None
     if opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats and len(pairs) > 1:
         t = time.perf_counter()
-        grams = jacobians.mlp_grams_for(model, jacobians.sweep_layers(cfg, FLAGS.layer, FLAGS.site))
+        grams = jacobians.mlp_grams_for(model)
         logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
                      time.perf_counter() - t)
     for pair in files.progress(pairs, desc="pairs"):

@@ -122,3 +122,24 @@ def test_sweep_engine_curves(checkpoint_model):
         from plateau_jax.sweep import SweepEngine, SweepSpec
         with pytest.raises(pj.UnknownSiteError, match="parallel residual"):
             SweepEngine(model, SweepSpec(component="resid_mid"))
+
+
+@slow
+def test_jacobian_script_on_a_parallel_residual_model(checkpoint_model, tmp_path):
+    """`python -m experiments.jacobians` end to end (two pairs share the Gram matrices)."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path / "ckpt"
+    pj.save_model(checkpoint_model, str(d))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.jacobians", f"--model={d}", "--steps=5",
+         "--pairs=big:in,big:large", f"--output_dir={out}", "--compilation_cache="],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PLATEAU_JAX_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out / "jacobians_big-in.npz") as r:
+        fro = r["mlp_fro"]
+        assert fro.shape[-1] == 5 and np.isfinite(fro).all() and (fro > 0).all()

@@ -87,6 +87,7 @@ def resolve_checkpoint(name_or_path: str, *, cache_dir=None, revision=None,
     shipped name, or a hub snapshot (fetched once into the HF cache; only config, weights and
     tokenizer files)."""
     name = os.fspath(name_or_path)
+    revision = revision or None  # "" (an empty --revision flag) means the default branch
     if name in LOCAL_MODELS and revision is None:
         return LOCAL_MODELS[name]
     path = os.path.expanduser(name)
