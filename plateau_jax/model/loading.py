@@ -307,7 +307,8 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
                require_tokenizer: bool = True, matmul_precision: str = "highest",
                cache_dir: Optional[str] = None, revision: Optional[str] = None,
                local_files_only: Optional[bool] = None) -> Model:
-    """Loads a checkpoint.
+    """Loads a checkpoint of any supported family: GPT-2, GPT-NeoX (Pythia) or Llama-style
+    (Llama, Qwen2, Mistral), dispatched on ``config.json``'s ``model_type`` (docs/families.md).
 
     Args:
       name_or_path: a local directory, a hub id ("gpt2-large", "org/name"), or a shipped name.
@@ -320,7 +321,8 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
       allow_pickle: accept a checkpoint with only ``pytorch_model.bin`` (unpickling can run code).
       require_tokenizer: raise if tokenizer files are missing (else ``.tokenizer`` is None).
       matmul_precision: "highest" (exact float32 everywhere) or a faster setting by name.
-      cache_dir, revision, local_files_only: passed to the hub download.
+      cache_dir, revision, local_files_only: passed to the hub download; ``revision`` is a
+        branch, tag or commit (e.g. Pythia's training checkpoints "step0" ... "step143000").
 
     Returns:
       a :class:`Model` with ``.params``, ``.config``, ``.tokenizer``.
