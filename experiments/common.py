@@ -70,6 +70,8 @@ def define_model_flags():
         return
     flags.DEFINE_string("model", DEFAULT_MODEL,
                         "Hub id (gpt2, gpt2-large, ...), local checkpoint directory, or shipped name.")
+    flags.DEFINE_string("revision", None, "Hub revision of --model: a branch, tag or commit "
+                        "(e.g. Pythia's training checkpoints step0 ... step143000).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Params/compute dtype.")
     flags.DEFINE_enum("ln_mode", "auto", ["auto", "normal", "identity"],
                       "LayerNorm handling; auto = identity for LayerNorm-free checkpoints.")
@@ -93,7 +95,7 @@ def load_model_from_flags() -> plateau_jax.GPT2:
     logging.info("Loading %s", FLAGS.model)
     return plateau_jax.load_model(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
                                   center_writing_weights=FLAGS.center_writing_weights,
-                                  allow_pickle=FLAGS.allow_pickle,
+                                  allow_pickle=FLAGS.allow_pickle, revision=FLAGS.revision,
                                   matmul_precision=FLAGS.matmul_precision)
 
 
@@ -232,16 +234,15 @@ def subset(name: str, values: Sequence[str], allowed: Sequence[str], nonempty=Tr
 
 def peek_n_layer(model: str) -> Optional[int]:
     """``n_layer`` from the ``config.json`` of a local or shipped checkpoint, read without
-    loading the weights (None for a hub id or an unreadable config): lets layer flags be checked
-    before the model loads."""
-    from plateau_jax.model import shipped
+    loading the weights (None for a hub id): lets layer flags be checked before the model
+    loads. An unreadable or unsupported config is an error here already."""
+    from plateau_jax.model import loading, shipped
 
-    directory = model if os.path.isdir(model) else shipped.shipped_models().get(model)
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            return int(json.load(f)["n_layer"])
-    except (TypeError, OSError, ValueError, KeyError):
+    directory = os.path.expanduser(model) if os.path.isdir(os.path.expanduser(model)) else \
+        shipped.shipped_models().get(model)
+    if directory is None:
         return None
+    return loading.read_config(directory).n_layer
 
 
 def check_layer_early(check: Callable[[int], object]) -> None:

@@ -1,9 +1,15 @@
-r"""Emergence of plateaus during training: sharpness S and MLP-Jacobian-peak / boundary alignment
-at each saved checkpoint of a training run (initialisation included).
+r"""Emergence of plateaus during training: sharpness S, the boundary alpha* and MLP-Jacobian-peak /
+boundary alignment at each checkpoint of a training run (initialisation included).
 
+    # revisions of one hub model (Pythia's 154 training checkpoints are branches step0 ... step143000)
+    python -m experiments.emergence --model=EleutherAI/pythia-160m \
+        --revisions=step0,step512,step1000,step8000,step36000,step143000 --output_dir=runs/pythia
+    # the project's own training run, or any local checkpoint directories
     python -m experiments.emergence --run_dir=runs/tiny-plateau --output_dir=runs/emergence
+    python -m experiments.emergence --checkpoints=ckpt/step_0,ckpt/step_500 --output_dir=runs/e
 
-For every checkpoint ``run_dir/checkpoints/step_*`` (or the directories in --checkpoints) and
+For every checkpoint (each revision of --model, each ``run_dir/checkpoints/step_*``, or each
+directory of --checkpoints; the training step is read from the trailing number of its name) and
 every prompt pair (each context of --contexts with each pair of --pairs):
 
 1. a, b = ``blocks.{layer}.hook_resid_post`` at the last position of context + ending A / B;
@@ -13,13 +19,14 @@ every prompt pair (each context of --contexts with each pair of --pairs):
    S = max_k (r_{k+1} - r_k) / (alpha_{k+1} - alpha_k) (1 for a straight line), and the
    boundary alpha* = midpoint of the step where r jumps most;
 4. for each later layer i, the Frobenius norm of the MLP Jacobian d mlp_out / d resid_mid
-   (ln_2 included; ``jax.jacfwd``) at the recorded resid_mid(alpha); its peak alpha and the
+   (ln_2 included; resid_pre with a parallel residual) at the recorded input; its peak alpha and the
    distance |alpha_peak - alpha*| (alignment: 0 = the Jacobian peaks at the boundary), and the
    peak's contrast max / median over alpha.
 
 Publishes ``results.json`` (every curve and number), ``summary.json`` (per-checkpoint medians
-and IQRs over pairs), ``emergence.png`` and ``config.json`` together in
-``--output_dir/emergence/`` (staged, then one atomic switch).
+and IQRs over pairs of S, alpha* and the peak offsets), ``emergence.png`` (S and alpha* medians
+and IQRs against the training step, the peak offsets, one pair's curves at every step) and
+``config.json`` together in ``--output_dir/emergence/`` (staged, then one atomic switch).
 
 Metrics come from :mod:`plateau_jax.metrics` (relative distance, sharpness, boundary) and the
 MLP Jacobian norms from the exact Gram path of :mod:`plateau_jax.mlp_jacobian`.
@@ -43,6 +50,10 @@ FLAGS = flags.FLAGS
 def define_flags():
     """Defines this script's flags (called by ``__main__`` only, so that importing the
     module from tests or other scripts defines no flags)."""
+    flags.DEFINE_string("model", None, "Hub id or local directory whose --revisions to analyse.")
+    flags.DEFINE_list("revisions", None, "Revisions (branches, tags) of --model, e.g. "
+                      "step0,step512,step143000; the step is the trailing number of each name.")
+    flags.DEFINE_string("cache_dir", None, "Hugging Face hub cache for --model (default: HF's).")
     flags.DEFINE_string("run_dir", None, "A training run directory (experiments.train output).")
     flags.DEFINE_list("checkpoints", None, "Checkpoint directories (instead of --run_dir).")
     flags.DEFINE_string("output_dir", None, "Where results.json, summary.json and the figure go.")
@@ -64,8 +75,9 @@ _JITTED = {}
 
 
 def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
-    """Exact Frobenius norms of d mlp_out / d resid_mid (ln_2 included) of ``layer`` at each row
-    of ``resid_mid`` ``[n, d]``, via the library's Gram-matrix path (compiled once)."""
+    """Exact Frobenius norms of d mlp_out / d resid_mid (ln_2 included; resid_pre with a parallel
+    residual) of ``layer`` at each row of ``resid_mid`` ``[n, d]``, via the library's
+    Gram-matrix path (compiled once per model shape)."""
     import jax
     import jax.numpy as jnp
 
@@ -82,9 +94,10 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
     import plateau_jax
     from plateau_jax.plateaus import paths
-    from plateau_jax.model.sites import site_name as site
+    from plateau_jax.model.sites import mlp_input, site_name as site
 
     cfg = model.config
+    mlp_in = mlp_input(cfg)  # resid_mid, or resid_pre with a parallel residual
     ids = np.stack([np.append(pair.context_ids, pair.token_a),
                     np.append(pair.context_ids, pair.token_b)]).astype(np.int32)
     _, rec = plateau_jax.forward(model, ids, sites=[site(layer, "resid_post")])
@@ -93,14 +106,14 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     prefix = plateau_jax.run_prefix(model, pair.context_ids)
     later = list(range(layer + 1, cfg.n_layer))
     logits, rec = plateau_jax.continue_from(model, prefix, xs, layer=layer,
-                                            sites=[site(i, "resid_mid") for i in later])
+                                            sites=[site(i, mlp_in) for i in later])
     logits = np.asarray(logits)
     r = metrics.relative_distance(np.asarray(logits, np.float64))
     s = float(metrics.sharpness(r, alpha))
     a_star = float(metrics.boundary(r, alpha))
     jac = {}
     for i in later:
-        norms = mlp_jacobian_norms(model, i, rec[site(i, "resid_mid")])
+        norms = mlp_jacobian_norms(model, i, rec[site(i, mlp_in)])
         peak = float(alpha[int(np.argmax(norms))])
         jac[i] = dict(norms=norms.tolist(), peak_alpha=peak, peak_offset=abs(peak - a_star),
                       contrast=float(norms.max() / np.median(norms)))
@@ -138,6 +151,20 @@ def find_checkpoints(run_dir: str):
     return sorted(out)
 
 
+def step_of(name: str) -> int:
+    """The training step a revision or directory name ends with: ``step1000`` -> 1000."""
+    m = re.search(r"(\d+)$", name.rstrip("/"))
+    if not m:
+        raise ValueError(f"cannot read a training step from {name!r}: name revisions and "
+                         "checkpoints with a trailing step number (e.g. step1000).")
+    return int(m.group(1))
+
+
+def revision_checkpoints(model: str, revisions):
+    """[(step, model, revision)] of ``model``'s revisions, sorted by step."""
+    return sorted((step_of(r), model, r) for r in revisions)
+
+
 def _quartiles(v):
     v = np.asarray([x for x in v if x is not None], np.float64)
     q1, med, q3 = np.percentile(v, [25, 50, 75])
@@ -145,8 +172,10 @@ def _quartiles(v):
 
 
 def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp",
-        heldout_loss=None, precision: str = "highest") -> dict:
-    """Analyses every (step, directory) checkpoint; returns {"checkpoints": [...], "summary": [...]}."""
+        heldout_loss=None, cache_dir=None, precision: str = "highest") -> dict:
+    """Analyses every checkpoint, ``(step, directory)`` or ``(step, hub id or directory,
+    revision)``; returns {"checkpoints": [...], "summary": [...]}. Every checkpoint runs the same
+    prompt pairs."""
     import plateau_jax
     from plateau_jax import files
     from plateau_jax.plateaus import paths
@@ -155,14 +184,17 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
     alpha = paths.alpha_grid(n_steps)
     pairs_raw = prompts.parse_pairs(pair_spec)
     results, summary = [], []
-    for step, directory in files.progress(checkpoints, "checkpoints"):
-        model = plateau_jax.load_model(directory, matmul_precision=precision)
+    for step, source, *rev in files.progress(checkpoints, "checkpoints"):
+        revision = rev[0] if rev else None
+        model = plateau_jax.load_model(source, revision=revision, cache_dir=cache_dir,
+                                       matmul_precision=precision)
         pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
                  for c in contexts for a, b in pairs_raw]
         per_pair = [analyse_pair(model, p, layer, alpha, path) for p in pairs]
-        results.append(dict(step=step, directory=directory, pairs=per_pair))
-        row = dict(step=step,
+        results.append(dict(step=step, directory=source, revision=revision, pairs=per_pair))
+        row = dict(step=step, revision=revision,
                    S=_quartiles([p["S"] for p in per_pair]),
+                   boundary_alpha=_quartiles([p["boundary_alpha"] for p in per_pair]),
                    mean_peak_offset=_quartiles([p["mean_peak_offset"] for p in per_pair]),
                    deepest_peak_offset=_quartiles([p["deepest_peak_offset"] for p in per_pair]),
                    mean_contrast=_quartiles([p["mean_contrast"] for p in per_pair]),
@@ -170,9 +202,9 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
         if heldout_loss and step in heldout_loss:
             row["heldout_loss"] = heldout_loss[step]
         summary.append(row)
-        logging.info("step %d: S median %.2f [%.2f, %.2f]; |peak - boundary| median %.3f", step,
-                     row["S"]["median"], row["S"]["q1"], row["S"]["q3"],
-                     row["mean_peak_offset"]["median"])
+        logging.info("step %d: S median %.2f [%.2f, %.2f]; alpha* median %.3f; |peak - boundary| "
+                     "median %.3f", step, row["S"]["median"], row["S"]["q1"], row["S"]["q3"],
+                     row["boundary_alpha"]["median"], row["mean_peak_offset"]["median"])
     return dict(alpha=alpha.tolist(), layer=layer, path=path, checkpoints=results, summary=summary)
 
 
@@ -184,7 +216,18 @@ def random_baseline_offset(n_later_layers: int, n_steps: int, seed=0, trials=200
     return float(np.mean(np.abs(rng.choice(alpha, trials) - rng.choice(b, trials))))
 
 
+def _median_iqr(ax, xs, summ, key, color, label, ylabel, title):
+    """Median over pairs against the training step, with the IQR shaded (log step axis)."""
+    ax.plot(xs, [r[key]["median"] for r in summ], "o-", color=color, label=label)
+    ax.fill_between(xs, [r[key]["q1"] for r in summ], [r[key]["q3"] for r in summ],
+                    color=color, alpha=0.2, label="IQR over pairs")
+    ax.set_xscale("log")
+    ax.set(xlabel="training step (init plotted at 1)", ylabel=ylabel, title=title)
+
+
 def plot(res: dict, path: str, focus: int = 0):
+    """S and alpha* medians/IQRs against the training step, the Jacobian-peak offset, and pair
+    ``focus``'s r(alpha) and deepest-layer Jacobian curves at every step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,46 +237,32 @@ def plot(res: dict, path: str, focus: int = 0):
     alpha = np.asarray(res["alpha"])
     steps = [c["step"] for c in res["checkpoints"]]
     xs = [max(s, 1) for s in steps]
-    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, (ax_s, ax_a, ax_off, ax_r, ax_j) = plt.subplots(1, 5, figsize=(24, 4.2))
     summ = res["summary"]
-    for key, col, lab in (("S", "C0", "sharpness S (logits)"),):
-        med = [r[key]["median"] for r in summ]
-        ax[0].plot(xs, med, "o-", color=col, label=lab + " median")
-        ax[0].fill_between(xs, [r[key]["q1"] for r in summ], [r[key]["q3"] for r in summ],
-                           color=col, alpha=0.2, label="IQR over pairs")
-    ax[0].axhline(1.0, color="gray", lw=0.8, ls=":")
-    ax[0].set_xscale("log")
-    ax[0].set_xlabel("training step (init plotted at 1)")
-    ax[0].set_ylabel("S")
-    ax[0].set_title("Sharpness of r(alpha), logits")
-    ax[0].legend(fontsize=8)
-    med = [r["mean_peak_offset"]["median"] for r in summ]
-    ax[1].plot(xs, med, "o-", color="C3", label="median over pairs")
-    ax[1].fill_between(xs, [r["mean_peak_offset"]["q1"] for r in summ],
-                       [r["mean_peak_offset"]["q3"] for r in summ], color="C3", alpha=0.2)
-    ax[1].axhline(res.get("chance_peak_offset", np.nan), color="gray", ls=":",
-                  label="chance (uniform peak)")
-    ax[1].set_xscale("log")
-    ax[1].set_xlabel("training step")
-    ax[1].set_ylabel("|alpha_peak - alpha*|, mean over layers")
-    ax[1].set_title("MLP Jacobian peak vs boundary")
-    ax[1].legend(fontsize=8)
+    _median_iqr(ax_s, xs, summ, "S", "C0", "sharpness S (logits) median", "S",
+                "Sharpness of r(alpha), logits")
+    ax_s.axhline(1.0, color="gray", lw=0.8, ls=":")
+    _median_iqr(ax_a, xs, summ, "boundary_alpha", "C2", "alpha* median", "alpha*",
+                "Boundary alpha* (steepest step of r, logits)")
+    ax_a.set_ylim(0, 1)
+    _median_iqr(ax_off, xs, summ, "mean_peak_offset", "C3", "median over pairs",
+                "|alpha_peak - alpha*|, mean over layers", "MLP Jacobian peak vs boundary")
+    ax_off.axhline(res.get("chance_peak_offset", np.nan), color="gray", ls=":",
+                   label="chance (uniform peak)")
     cmap = plt.get_cmap("viridis")
     for j, c in enumerate(res["checkpoints"]):
         p = c["pairs"][focus]
         col = cmap(j / max(1, len(steps) - 1))
-        ax[2].plot(alpha, p["r"], color=col, label=f"step {c['step']} (S={p['S']:.1f})")
+        ax_r.plot(alpha, p["r"], color=col, label=f"step {c['step']} (S={p['S']:.1f})")
         deepest = p["jacobian"][max(p["jacobian"], key=int)]
         n = np.asarray(deepest["norms"])
-        ax[3].plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
+        ax_j.plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
     lbl = res["checkpoints"][0]["pairs"][focus]["label"]
-    ax[2].set_title(f"r(alpha), logits: {lbl}", fontsize=10)
-    ax[2].set_xlabel("alpha")
-    ax[2].legend(fontsize=7)
+    ax_r.set(title=f"r(alpha), logits: {lbl}", xlabel="alpha")
     deepest_layer = max(res["checkpoints"][0]["pairs"][focus]["jacobian"], key=int)
-    ax[3].set_title(f"MLP Jacobian norm / mean, layer {deepest_layer}")
-    ax[3].set_xlabel("alpha")
-    ax[3].legend(fontsize=7)
+    ax_j.set(title=f"MLP Jacobian norm / mean, layer {deepest_layer}", xlabel="alpha")
+    for ax, size in ((ax_s, 8), (ax_a, 8), (ax_off, 8), (ax_r, 7), (ax_j, 7)):
+        ax.legend(fontsize=size)
     fig.tight_layout()
     files.atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
@@ -249,17 +278,26 @@ def main(argv):
 
     if not FLAGS.output_dir:
         raise common.InputError("--output_dir is required.")
-    if FLAGS.checkpoints:
+    modes = [bool(FLAGS.model or FLAGS.revisions), bool(FLAGS.checkpoints), bool(FLAGS.run_dir)]
+    if sum(modes) != 1:
+        raise common.InputError("give exactly one of --model with --revisions (hub revisions), "
+                                "--checkpoints (directories) or --run_dir (a training run).")
+    if FLAGS.model or FLAGS.revisions:
+        if not (FLAGS.model and FLAGS.revisions):
+            raise common.InputError("--model and --revisions go together.")
+        try:
+            ckpts = revision_checkpoints(FLAGS.model, FLAGS.revisions)
+        except ValueError as e:
+            raise common.InputError(f"--revisions: {e}")
+    elif FLAGS.checkpoints:
         ckpts = []
         for d in FLAGS.checkpoints:
             common.existing_dir("checkpoints", d)
             m = re.search(r"(\d+)$", d.rstrip("/"))
             ckpts.append((int(m.group(1)) if m else len(ckpts), d))
-    elif FLAGS.run_dir:
+    else:
         common.existing_dir("run_dir", FLAGS.run_dir)
         ckpts = find_checkpoints(FLAGS.run_dir)
-    else:
-        raise common.InputError("give --run_dir (a training run) or --checkpoints.")
     paths.alpha_grid(FLAGS.n_steps)
     prompts.parse_pairs(FLAGS.pairs)
     if not FLAGS.contexts or any(not c.strip() for c in FLAGS.contexts):
@@ -277,13 +315,14 @@ def main(argv):
                     heldout[rec["step"]] = rec[k]
     from plateau_jax import files
 
-    config = {f: getattr(FLAGS, f) for f in ("run_dir", "checkpoints", "contexts", "pairs",
-                                             "layer", "n_steps", "path", "matmul_precision")}
+    config = {f: getattr(FLAGS, f) for f in ("model", "revisions", "cache_dir", "run_dir",
+                                             "checkpoints", "contexts", "pairs", "layer",
+                                             "n_steps", "path", "matmul_precision")}
     pub = files.Publication(FLAGS.output_dir, "emergence", config, overwrite=FLAGS.overwrite)
     with pub.staging() as stage:
         common.apply_runtime_flags()
         res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path,
-                  heldout, FLAGS.matmul_precision)
+                  heldout, cache_dir=FLAGS.cache_dir, precision=FLAGS.matmul_precision)
         n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
         res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
         files.atomic_write_json(os.path.join(stage, "results.json"), res)

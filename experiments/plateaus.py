@@ -165,15 +165,15 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     logits = np.asarray(main.logits, np.float32)
     res["x"] = np.asarray(main.x, np.float32)  # the vectors fed in (model dtype, widened)
     res["downstream_layers"] = np.array(down, np.int32)
-    for c in interpolation.DEFAULT_COMPONENTS:
+    for c in interpolation.default_components(model.config):
         res[f"r_{c}"] = _pad(metrics.relative_distance(acts[c]), down, n_layer)
     res["r_logits"] = metrics.relative_distance(logits)
     res["kl_logits"] = metrics.kl_to_endpoints(logits)
     res["step_resid_post"] = _pad(metrics.step_sizes(acts["resid_post"]), down, n_layer)
     res["step_logits"] = metrics.step_sizes(logits)
     res["spline_hamming"] = _pad(metrics.spline_hamming(acts["mlp_pre"]), down, n_layer)
-    res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], acts["resid_mid"]),
-                                 down, n_layer)
+    mlp_in = acts[plateau_jax.model.sites.mlp_input(model.config)]  # resid_pre if parallel
+    res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], mlp_in), down, n_layer)
     # Sharpness on the relative distance r (the study's curves) and on the distance curve
     # d(alpha)/d(1) (the stable-regions work's); two different numbers, named apart.
     d_resid = _pad(metrics.distance_curve(acts["resid_post"]), down, n_layer)

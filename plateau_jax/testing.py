@@ -1,5 +1,6 @@
 """Offline fixtures for tests, benchmarks and demos: a tiny byte-level BPE tokenizer in GPT-2's
-file format and random-weight GPT-2 checkpoints in the HF layout. No network is used."""
+file format and random-weight checkpoints (GPT-2, GPT-NeoX, Llama-style) in the HF layout. No
+network is used."""
 
 from __future__ import annotations
 
@@ -36,11 +37,29 @@ def make_tokenizer(directory: str, vocab_size: int = 400):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def tiny_config(**overrides) -> GPT2Config:
+def tiny_config(**overrides) -> ModelConfig:
     """A 3-layer, d_model 32 config sized for the tiny tokenizer (vocab 400)."""
     kw = dict(vocab_size=400, n_positions=64, d_model=32, n_layer=3, n_head=4, d_mlp=48)
     kw.update(overrides)
     return ModelConfig.gpt2(**kw)
+
+
+def tiny_neox_config(**overrides) -> ModelConfig:
+    """A 3-layer, d_model 32 GPT-NeoX (Pythia-style: parallel residual, rotary on half of each
+    8-wide head) config sized for the tiny tokenizer."""
+    kw = dict(vocab_size=400, n_positions=64, d_model=32, n_layer=3, n_head=4, d_mlp=48,
+              rotary_dim=4)
+    kw.update(overrides)
+    return ModelConfig.gpt_neox(**kw)
+
+
+def tiny_llama_config(**overrides) -> ModelConfig:
+    """A 3-layer, d_model 32 Llama-style config (RMSNorm, rotary, 4 query / 2 key-value heads,
+    SwiGLU) sized for the tiny tokenizer; ``attn_bias=True`` makes it Qwen2-style."""
+    kw = dict(vocab_size=400, n_positions=64, d_model=32, n_layer=3, n_head=4, n_kv_head=2,
+              d_mlp=48)
+    kw.update(overrides)
+    return ModelConfig.llama(**kw)
 
 
 def make_checkpoint(directory: str, config: Optional[ModelConfig] = None, seed: int = 0,

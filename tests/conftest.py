@@ -53,3 +53,35 @@ def to_numpy(t):
 
 def random_ids(vocab, shape, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+def randomize_torch(model, seed=0):
+    """Every parameter of a transformers model redrawn: biases N(0, 0.1), norm weights
+    N(1, 0.2), everything else N(0, 0.2), so that parity tests exercise every parameter."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+HF_CLASSES = {"gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+              "llama": ("LlamaConfig", "LlamaForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def torch_causal_lm(model_type, config_kwargs, seed=0):
+    """A random transformers causal LM of ``model_type`` (eager attention, float32, eval)."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[model_type])
+    cfg = config_cls(attn_implementation="eager", **config_kwargs)
+    return randomize_torch(model_cls(cfg).eval(), seed)

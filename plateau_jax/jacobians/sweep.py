@@ -3,7 +3,8 @@
 Definitions (all at the last position, the context's keys/values held fixed, in the model's dtype;
 ``J[i, j] = d out_i / d in_j``, shape ``[d_out, d_in] = [d, d]``):
 
-* ``mlp``   -- ``d blocks.l.hook_mlp_out / d blocks.l.hook_resid_mid`` (ln_2 included).
+* ``mlp``   -- ``d blocks.l.hook_mlp_out / d blocks.l.hook_resid_mid`` (ln_2 included; with a
+  parallel residual, as in GPT-NeoX, the MLP reads ``hook_resid_pre`` and that is the input).
 * ``attn``  -- ``d blocks.l.hook_attn_out / d blocks.l.hook_resid_pre`` (ln_1 included; the
   last token's own query, key and value vary, the context's keys/values do not).
 * ``layer`` -- ``d blocks.l.hook_resid_post / d blocks.l.hook_resid_pre`` (the whole block,
@@ -19,7 +20,7 @@ Definitions (all at the last position, the context's keys/values held fixed, in 
   applied block ``l0`` a second time to ``resid_post[l0]``; ours starts at ``l0 + 1``.
 
 Per-layer Jacobians are evaluated at the activations recorded along the path (one continuation
-call records ``resid_pre``/``resid_mid`` of every later layer), by differentiating single-token
+call records ``resid_pre`` (and ``resid_mid``) of every later layer), by differentiating single-token
 functions (:func:`family_fn`). All layers run in one ``lax.scan`` over stacked block params and
 all steps in ``lax.map(..., batch_size=...)`` over ``vmap(jacfwd)`` so memory stays bounded;
 Frobenius/spectral/top-k reductions happen inside the graph. Full matrices are returned only on
@@ -79,7 +80,8 @@ def _family_fn_raw(family: str, bp, config: ModelConfig, context: layers.Context
 def family_fn(model: Model, prefix: KVCache, layer: int, family: str):
     """The single-token function whose Jacobian is family ``family`` at ``layer``: ``[d] -> [d]``.
 
-    ``mlp``: resid_mid -> mlp_out; ``attn``: resid_pre -> attn_out; ``layer``: resid_pre ->
+    ``mlp``: resid_mid (resid_pre with a parallel residual) -> mlp_out; ``attn``: resid_pre ->
+    attn_out; ``layer``: resid_pre ->
     resid_post, with ``prefix``'s keys/values of that layer as the fixed context.
     """
     sites_lib.check_layer(layer, model.config)
@@ -237,11 +239,12 @@ def _sweep_impl(params, prefix: KVCache, x, entry, key, grams, config: ModelConf
     N, d = x.shape
     L = config.n_layer
     first = entry // 2  # entries are resid_pre (2l) or resid_post (2l + 2)
-    iv = core.record_layers({"hook_resid_pre": range(L), "hook_resid_mid": range(L)}, L)
+    mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))
+    iv = core.record_layers({"hook_resid_pre": range(L), mlp_in: range(L)}, L)
     _, rec = core.continue_from(params, config, prefix, x[None], entry, iv)
     use_gram = "mlp" in opts.families and opts.mlp_method == "gram" and "fro" in opts.stats
     xs = dict(i=jnp.arange(L), bp=params["blocks"], keys=prefix.keys, values=prefix.values,
-              pre=rec["hook_resid_pre"][:, 0], mid=rec["hook_resid_mid"][:, 0],
+              pre=rec["hook_resid_pre"][:, 0], mid=rec[mlp_in][:, 0],
               key=jax.random.split(key, L))
     if use_gram and grams is not None:
         xs["grams"] = grams["M"]

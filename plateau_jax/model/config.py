@@ -1,8 +1,8 @@
 """Model architecture, in family-neutral terms, and the presets of the released GPT-2 sizes.
 
-One :class:`ModelConfig` describes every supported family (GPT-2 today; the block is written for
+One :class:`ModelConfig` describes every supported family (GPT-2, GPT-NeoX, Llama-style), with
 the switches a family needs: LayerNorm or RMSNorm, learned or rotary positions, grouped-query
-attention, gated MLPs, a parallel residual). Each family's module in
+attention, gated MLPs, a parallel residual. Each family's module in
 :mod:`plateau_jax.model.families` translates a HuggingFace ``config.json`` into it and refuses, in
 one error that lists them all, the features we do not implement.
 """
@@ -34,7 +34,7 @@ class ModelConfig:
     """Architecture of a decoder-only transformer (hashable: a static jit argument).
 
     Attributes:
-      family: checkpoint family, which fixes the on-disk names ("gpt2").
+      family: checkpoint family, which fixes the on-disk names ("gpt2", "gpt_neox", "llama").
       vocab_size: number of token embeddings V.
       n_positions: maximum sequence length.
       d_model: residual width.
@@ -132,6 +132,30 @@ class ModelConfig:
         """A GPT-2 architecture; ``d_mlp`` defaults to ``4 * d_model``."""
         kw.setdefault("d_mlp", 4 * kw.get("d_model", cls.d_model))
         return cls(family="gpt2", **kw)
+
+    @classmethod
+    def gpt_neox(cls, **kw) -> "ModelConfig":
+        """A GPT-NeoX (Pythia) architecture: LayerNorm, rotary on a quarter of each head
+        (``rotary_dim`` default ``d_head // 4``, rounded to even), parallel residual, exact
+        GELU, untied unembedding; ``d_mlp`` defaults to ``4 * d_model``."""
+        d = kw.get("d_model", cls.d_model)
+        kw.setdefault("d_mlp", 4 * d)
+        d_head = kw.get("d_head") or d // kw.get("n_head", cls.n_head)
+        kw.setdefault("rotary_dim", max(2, d_head // 4 // 2 * 2))
+        defaults = dict(positional="rotary", parallel_residual=True, act="gelu",
+                        tie_embeddings=False, n_positions=2048)
+        return cls(family="gpt_neox", **{**defaults, **kw})
+
+    @classmethod
+    def llama(cls, **kw) -> "ModelConfig":
+        """A Llama-style architecture: RMSNorm, rotary on the whole head, SwiGLU MLP, no
+        biases, untied unembedding (``attn_bias=True, attn_out_bias=False`` is Qwen2's)."""
+        d_head = kw.get("d_head") or kw.get("d_model", cls.d_model) // kw.get("n_head", cls.n_head)
+        defaults = dict(norm="rmsnorm", norm_eps=1e-6, act="silu", gated_mlp=True,
+                        positional="rotary", rotary_dim=d_head, attn_bias=False,
+                        attn_out_bias=False, mlp_bias=False, tie_embeddings=False,
+                        n_positions=2048)
+        return cls(family="llama", **{**defaults, **kw})
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

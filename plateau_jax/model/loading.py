@@ -87,6 +87,7 @@ def resolve_checkpoint(name_or_path: str, *, cache_dir=None, revision=None,
     shipped name, or a hub snapshot (fetched once into the HF cache; only config, weights and
     tokenizer files)."""
     name = os.fspath(name_or_path)
+    revision = revision or None  # "" (an empty --revision flag) means the default branch
     if name in LOCAL_MODELS and revision is None:
         return LOCAL_MODELS[name]
     path = os.path.expanduser(name)
@@ -168,9 +169,10 @@ def _plan(source: TensorSource, cfg: ModelConfig, directory: str):
     found, unexpected = {}, []
     for name in source.shapes:
         key = next((name[len(p):] for p in fam.PREFIXES if name.startswith(p)), name)
-        if fam.IGNORED.search(key) or (key == "lm_head.weight" and cfg.tie_embeddings):
+        key = fam.ALIASES.get(key, key)
+        if fam.IGNORED.search(key) or (key == fam.TIED_KEY and cfg.tie_embeddings):
             continue
-        if key in wanted:
+        if key in wanted and key not in found:
             found[key] = name
         else:
             unexpected.append(name)
@@ -197,7 +199,7 @@ def _set(tree: dict, path, value) -> None:
 
 
 def _finite(buf: np.ndarray, names, dt, directory: str) -> None:
-    ok = np.array([np.isfinite(row.astype(np.float32, copy=False)).all()
+    ok = np.array([np.isfinite(row).all()  # bf16/f16 checked as stored, no float32 copy
                    for row in buf.reshape(len(names), -1)])
     if ok.all():
         return
@@ -205,6 +207,22 @@ def _finite(buf: np.ndarray, names, dt, directory: str) -> None:
     raise CheckpointError(
         f"{directory}: tensor(s) {bad[:4]} hold NaN or Inf after loading as {np.dtype(dt).name} "
         "(a damaged checkpoint, or values too large for this dtype: try dtype float32).")
+
+
+def stored_dtype(source: TensorSource, names):
+    """The float dtype a checkpoint stores the weights ``names`` in (``dtype="auto"``; ignored
+    buffers do not count): their one float dtype, or the widest of several (float64 reads as
+    float32)."""
+    order = [np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32)]
+    dtypes = [np.dtype(source.dtypes[n]) for n in names]
+    found = {dt for dt in dtypes if np.issubdtype(dt, np.floating) or dt == order[1]}
+    if not found:
+        raise CheckpointError("dtype='auto': the checkpoint holds no floating-point tensors.")
+    if len(found) > 1:
+        log.info("dtype='auto': the checkpoint mixes %s; loading as the widest.",
+                 sorted(d.name for d in found))
+    widest = max(found, key=lambda d: (d.itemsize, order.index(d) if d in order else 3))
+    return resolve_dtype("float32" if widest.itemsize > 4 else widest.name)
 
 
 def load_params(source: TensorSource, cfg: ModelConfig, dtype, directory: str = "checkpoint"):
@@ -289,23 +307,27 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
                require_tokenizer: bool = True, matmul_precision: str = "highest",
                cache_dir: Optional[str] = None, revision: Optional[str] = None,
                local_files_only: Optional[bool] = None) -> Model:
-    """Loads a checkpoint.
+    """Loads a checkpoint of any supported family: GPT-2, GPT-NeoX (Pythia) or Llama-style
+    (Llama, Qwen2, Mistral), dispatched on ``config.json``'s ``model_type`` (docs/families.md).
 
     Args:
       name_or_path: a local directory, a hub id ("gpt2-large", "org/name"), or a shipped name.
-      dtype: "float32" (default), "bfloat16" or "float16" for the params and compute.
+      dtype: "float32" (default), "bfloat16" or "float16" for the params and compute, or
+        "auto": the checkpoint's stored float dtype (bf16 weights load as bf16, read as they
+        are, with no float32 copy).
       ln_mode: "auto" (identity for LayerNorm-free checkpoints, detected by a huge
         ``layer_norm_epsilon``), "normal" or "identity".
       center_writing_weights: apply TransformerLens' centring (the study's numbers carry it).
       allow_pickle: accept a checkpoint with only ``pytorch_model.bin`` (unpickling can run code).
       require_tokenizer: raise if tokenizer files are missing (else ``.tokenizer`` is None).
       matmul_precision: "highest" (exact float32 everywhere) or a faster setting by name.
-      cache_dir, revision, local_files_only: passed to the hub download.
+      cache_dir, revision, local_files_only: passed to the hub download; ``revision`` is a
+        branch, tag or commit (e.g. Pythia's training checkpoints "step0" ... "step143000").
 
     Returns:
       a :class:`Model` with ``.params``, ``.config``, ``.tokenizer``.
     """
-    dt = resolve_dtype(dtype)
+    dt = None if isinstance(dtype, str) and dtype == "auto" else resolve_dtype(dtype)
     check_precision(matmul_precision)
     if ln_mode not in ("auto", "normal", "identity"):
         raise ValueError(f"ln_mode={ln_mode!r}: expected 'auto', 'normal' or 'identity'.")
@@ -313,7 +335,8 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
                                    local_files_only=local_files_only, allow_pickle=allow_pickle)
     config = read_config(directory, ln_mode)
     source = _weight_source(directory, allow_pickle)
-    _plan(source, config, directory)  # refuse a wrong checkpoint before the tokenizer loads
+    plan = _plan(source, config, directory)  # refuse a wrong checkpoint before the tokenizer loads
+    dt = stored_dtype(source, [n for _, names in plan for n in names]) if dt is None else dt
     tokenizer = _load_tokenizer(directory, require_tokenizer)
     try:
         params = load_params(source, config, dt, directory)
@@ -322,9 +345,10 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
     if config.ln_mode == "identity":
         _warn_if_identity_drops_affine(params, config)
     if center_writing_weights:
-        if config.ln_mode == "identity":
-            log.warning("center_writing_weights skipped: without LayerNorm, centring would change "
-                        "the outputs (TransformerLens skips it too).")
+        if config.ln_mode == "identity" or config.norm != "layernorm":
+            log.warning("center_writing_weights skipped: without LayerNorm (identity norms or "
+                        "RMSNorm, which does not remove the mean), centring would change the "
+                        "outputs (TransformerLens skips it too).")
         else:
             params, config = apply_center_writing_weights(params, config)
     return Model(params=params, config=config, tokenizer=tokenizer, name=os.fspath(name_or_path),

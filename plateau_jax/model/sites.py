@@ -71,6 +71,13 @@ def block_sites(config: ModelConfig) -> Tuple[str, ...]:
     return tuple(out)
 
 
+def mlp_input(config: ModelConfig) -> str:
+    """Short name of the residual site the MLP reads (through ln2): "resid_mid", or
+    "resid_pre" with a parallel residual (attention and MLP both read the block's input).
+    MLP Jacobians and spline densities are taken with respect to it."""
+    return "resid_mid" if config.has_resid_mid else "resid_pre"
+
+
 def all_sites(config: ModelConfig) -> Tuple[str, ...]:
     """Every valid site name of a model, in execution order."""
     head = list(GLOBAL_SITES_IN if config.positional == "learned" else GLOBAL_SITES_IN[:1])

@@ -23,7 +23,8 @@ from plateau_jax.model.interventions import COMPONENTS
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import paths as paths_lib
 
-# Per-layer components recorded by default (short site names, see plateau_jax.sites).
+# Per-layer components recorded by default (short site names, see plateau_jax.sites); a model
+# with a parallel residual records resid_pre instead of resid_mid (:func:`default_components`).
 DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
 _FREEZABLE = ("hook_attn_out", "hook_mlp_out")
@@ -55,6 +56,11 @@ def check_endpoints_finite(a, b, where: str, dtype) -> None:
             pair = f" of pair {int(idx[0])}" if bad.ndim > 1 else ""
             raise NonFiniteError(f"endpoint {name}{pair} ({where}) is not finite (NaN/Inf computed "
                                  f"by the model from the prompt){dtype_hint(dtype)}")
+def default_components(config) -> Tuple[str, ...]:
+    """:data:`DEFAULT_COMPONENTS` for this model: with a parallel residual there is no
+    resid_mid, and the MLP's input is resid_pre (:func:`plateau_jax.model.sites.mlp_input`)."""
+    mlp_in = sites_lib.mlp_input(config)
+    return tuple(mlp_in if c == "resid_mid" else c for c in DEFAULT_COMPONENTS)
 
 
 def component_site(layer: int, component: str) -> str:
@@ -142,7 +148,7 @@ class InterpolationRun:
 
 def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
                       path: str = "slerp", site: str = "resid_post",
-                      components: Sequence[str] = DEFAULT_COMPONENTS,
+                      components: Optional[Sequence[str]] = None,
                       layers: Optional[Sequence[int]] = None, logits: bool = True,
                       patches: Optional[Mapping[str, jax.Array]] = None,
                       check_finite: bool = True) -> InterpolationRun:
@@ -156,7 +162,8 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
       alpha: ``[n]`` grid (see :func:`check_alpha`).
       path: "slerp" or "linear" (:func:`plateau_jax.paths.interpolate`).
       site: "resid_post" (default), "resid_pre" or "resid_mid".
-      components: per-layer components to record (short names, :data:`DEFAULT_COMPONENTS`).
+      components: per-layer components to record (short names; default
+        :func:`default_components`).
       layers: downstream layers to record (default: every layer from
         :func:`first_downstream_layer` on).
       logits: also return the logits.
@@ -168,6 +175,7 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
     if site not in sites_lib.RESIDUAL_SITES:
         raise ValueError(f"interpolation site {site!r}: expected one of {sites_lib.RESIDUAL_SITES}.")
     alpha = check_alpha(alpha)
+    components = default_components(cfg) if components is None else tuple(components)
     first = first_downstream_layer(layer, site)
     layers = tuple(range(first, cfg.n_layer)) if layers is None else tuple(int(l) for l in layers)
     bad = [l for l in layers if not first <= l < cfg.n_layer]
@@ -230,8 +238,9 @@ def check_run_finite(run: InterpolationRun) -> None:
         raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
                              f"{run.alpha[k]:.4g}) {where}: the path of finite endpoints "
                              f"overflowed its dtype{hint}")
-    order = [c for c in DEFAULT_COMPONENTS if c in run.acts] + [
-        c for c in run.acts if c not in DEFAULT_COMPONENTS]
+    forward_order = ("resid_pre",) + DEFAULT_COMPONENTS
+    order = [c for c in forward_order if c in run.acts] + [
+        c for c in run.acts if c not in forward_order]
     for j, layer in enumerate(run.layers):
         for c in order:
             if _upstream(layer, c, run.layer, run.site):

@@ -98,8 +98,8 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     _, rec = core.continue_from(params, config, prefix, x0, 0, iv)
     ends = jax.lax.dynamic_index_in_dim(rec["hook_resid_post"], layer, 0, keepdims=False)[0]
     a, b = ends[0].astype(jnp.float32), ends[1].astype(jnp.float32)
-    curves_iv = core.record_layers({component: every, "mlp.hook_pre": every,
-                                    "hook_resid_mid": every}, L)
+    mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))  # resid_pre if parallel
+    curves_iv = core.record_layers({component: every, "mlp.hook_pre": every, mlp_in: every}, L)
     refine_iv = core.record_layers({component: every}, L)
 
     def run(alphas, iv):
@@ -110,7 +110,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
 
     logits, rec = run(alpha, curves_iv)
     Y = rec[component].astype(jnp.float32)  # [L, n, X]
-    mid = rec["hook_resid_mid"].astype(jnp.float32)  # [L, n, d]
+    mid = rec[mlp_in].astype(jnp.float32)  # [L, n, d]: the MLPs' inputs
     jac = jax.vmap(lambda bp, h, M: mlp_frobenius_gram(bp, config, h, {"M": M}))(
         params["blocks"], mid, grams)
     r = jnp.concatenate([stats.rel_distance(Y), stats.rel_distance(logits)[None]])  # [L + 1, n]
@@ -208,6 +208,8 @@ class SweepEngine:
         self.config = model.config
         for L in spec.layers:
             sites_lib.check_layer(L, self.config, what="interpolation layer")
+        # a parallel-residual model has no resid_mid: refused here with the site's message
+        sites_lib.parse_site(sites_lib.site_name(0, spec.component), self.config)
         self.mesh = mesh or make_mesh()
         self.n_devices = self.mesh.devices.size
         self._repl = NamedSharding(self.mesh, P())

@@ -3,8 +3,9 @@
 Device side (JAX, inside the sharded call; never returns raw activations): for every recording
 target (each downstream layer's component, then the logits) the relative-distance curve ``r``,
 the distance curve ``d`` and step sizes; for every downstream MLP the exact Jacobian Frobenius
-norm at each step and the spline Hamming counts and ``resid_mid`` step lengths; KL of the
-next-token distributions; the endpoints' angle.
+norm at each step and the spline Hamming counts and the step lengths of the MLP's input
+(``resid_mid``; ``resid_pre`` with a parallel residual); KL of the next-token distributions; the
+endpoints' angle.
 
 Host side (numpy, float64, :func:`pair_stats`): sharpness and boundary from
 :mod:`plateau_jax.plateaus.metrics`, plateau widths, KL at the boundary, Jacobian-norm and
@@ -34,8 +35,8 @@ Definitions (``n`` steps at ``alpha_k``; ``k*`` the steepest step of ``r``; ``w`
   distribution changes across the boundary step; ``kl_boundary_ref`` the same across the refined
   bracket.
 * ``jac_peak_alpha``/``jac_peak``: argmax over steps (first on ties) and max of
-  ``||d mlp_out_l / d resid_mid_l||_F`` for the MLP of the recording layer l (its MLP runs before
-  its resid_post); NaN for the logits target.
+  ``||d mlp_out_l / d resid_mid_l||_F`` (``resid_pre_l`` with a parallel residual) for the MLP of
+  the recording layer l (its MLP runs before its resid_post); NaN for the logits target.
 * ``spline_peak_alpha``/``spline_peak``: midpoint of the step with the largest spline density
   ``h_k = Hamming(c_k, c_k+1)/|resid_mid_k+1 - resid_mid_k|`` of layer l, and that density.
 """

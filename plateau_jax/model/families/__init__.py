@@ -3,8 +3,13 @@
 
 A family module provides ``MODEL_TYPES`` (the ``model_type`` values it reads), ``PREFIXES`` (key
 prefixes its checkpoints may use), ``IGNORED`` (a regex of buffers to skip),
-``config_from_hf(raw, ln_mode)``, ``config_to_hf(config)`` and ``tensor_rules(config)`` (a list of
-:class:`~plateau_jax.model.families.rules.TensorRule`).
+``ALIASES`` (other names of a tensor -> its name in the rules), ``TIED_KEY`` (the unembedding's
+key, dropped when the config ties it to the embedding), ``config_from_hf(raw, ln_mode)``,
+``config_to_hf(config)``, ``tensor_rules(config)`` (a list of
+:class:`~plateau_jax.model.families.rules.TensorRule`) and ``save_prefix(key)``.
+
+Families: ``gpt2`` (GPT-2), ``gpt_neox`` (GPT-NeoX, Pythia), ``llama`` (Llama, Qwen2, Mistral
+without a binding sliding window, and every ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``).
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from types import ModuleType
 from typing import Mapping
 
 from plateau_jax.model.config import UnsupportedConfigError
-from plateau_jax.model.families import gpt2
+from plateau_jax.model.families import gpt2, gpt_neox, llama
 
-_FAMILIES = {"gpt2": gpt2}
+_FAMILIES = {"gpt2": gpt2, "gpt_neox": gpt_neox, "llama": llama}
 
 
 def get(family: str) -> ModuleType:
-    """The family module named ``family`` ("gpt2")."""
+    """The family module named ``family`` ("gpt2", "gpt_neox", "llama")."""
     if family not in _FAMILIES:
         raise UnsupportedConfigError(f"family {family!r}: supported families are {sorted(_FAMILIES)}.")
     return _FAMILIES[family]

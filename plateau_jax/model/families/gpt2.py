@@ -25,6 +25,9 @@ MODEL_TYPES = ("gpt2",)
 PREFIXES = ("transformer.", "")
 # Causal-mask buffers some checkpoints carry.
 IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+ALIASES: dict = {}
+# Old checkpoints store the tied lm_head too.
+TIED_KEY = "lm_head.weight"
 # Activation names that all mean the tanh approximation of GELU used by GPT-2.
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # A LayerNorm-free checkpoint encodes the removal as a huge epsilon.

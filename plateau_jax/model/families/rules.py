@@ -48,3 +48,28 @@ def transposed(path: Path) -> Tuple[Callable, Callable]:
 def rule(hf: str, shape, path: Path, kind: Callable = same) -> TensorRule:
     split, join = kind(path) if kind is transposed else kind(path, shape)
     return TensorRule(hf, tuple(shape), split, join)
+
+
+def linear(hf: str, d_in: int, d_out: int, path: Path) -> TensorRule:
+    """A ``torch.nn.Linear`` weight ``[out, in]`` on disk as a canonical ``[in, out]`` matrix."""
+    return rule(hf, (d_out, d_in), path, transposed)
+
+
+def heads_in(hf: str, n: int, k: int, d: int, path: Path) -> TensorRule:
+    """A Linear weight ``[n k, d]`` projecting into ``n`` heads of width ``k`` (HF's q/k/v
+    projections) as canonical ``[n, d, k]`` (``W_Q``, ``W_K``, ``W_V``)."""
+    return TensorRule(hf, (n * k, d), lambda a: {path: a.reshape(n, k, d).transpose(0, 2, 1)},
+                      lambda get: get(path).transpose(0, 2, 1).reshape(n * k, d))
+
+
+def heads_out(hf: str, n: int, k: int, d: int, path: Path) -> TensorRule:
+    """A Linear weight ``[d, n k]`` reading ``n`` heads of width ``k`` (HF's output projection)
+    as canonical ``[n, k, d]`` (``W_O``)."""
+    return TensorRule(hf, (d, n * k), lambda a: {path: a.T.reshape(n, k, d)},
+                      lambda get: get(path).reshape(n * k, d).T)
+
+
+def head_bias(hf: str, n: int, k: int, path: Path) -> TensorRule:
+    """A bias ``[n k]`` of a projection into heads as canonical ``[n, k]`` (``b_Q``, ...)."""
+    return TensorRule(hf, (n * k,), lambda a: {path: a.reshape(n, k)},
+                      lambda get: get(path).reshape(n * k))
