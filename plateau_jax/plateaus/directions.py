@@ -225,7 +225,7 @@ def response(params, cfg, cache, base, directions, steps, entry) -> Dict[str, ja
     Returns:
       ``kl`` ``[B, M, T]`` (nats, ``KL(p(x) || p(x + s u))``), ``dist`` / ``dist_end``
       ``[B, M, T, L]`` (``|y(s) - y(0)|``, ``|y(s) - y(s_max)|`` of each layer's resid_post; NaN
-      upstream of the entry), ``logit_dist`` / ``logit_dist_end`` ``[B, M, T]`` (same for the
+      for layers before the first block that runs), ``logit_dist`` / ``logit_dist_end`` ``[B, M, T]`` (same for the
       logits), ``top`` ``[B, M, T]`` (argmax next token).
     """
     B, M, d = directions.shape
@@ -240,13 +240,16 @@ def response(params, cfg, cache, base, directions, steps, entry) -> Dict[str, ja
     logits = logits.astype(jnp.float32).reshape(B, M, T, -1)
     lp = jax.nn.log_softmax(logits, axis=-1)
     y = rec["hook_resid_post"].astype(jnp.float32).reshape(L, B, M, T, d)
-    norm = lambda v: jnp.linalg.norm(v, axis=-1)
+    # Layers before the first block that runs (entry // 2) are not downstream: NaN (the
+    # resid_post just before a resid_pre entry is the input itself).
+    later = (jnp.arange(L) >= entry // 2)[:, None, None, None]
+    norm = lambda v: jnp.moveaxis(jnp.where(later, jnp.linalg.norm(v, axis=-1), jnp.nan), 0, -1)
     return dict(
         kl=_kl_rows(lp[:, :, :1], lp),
-        dist=jnp.moveaxis(norm(y - y[..., :1, :]), 0, -1),
-        dist_end=jnp.moveaxis(norm(y - y[..., -1:, :]), 0, -1),
-        logit_dist=norm(logits - logits[:, :, :1]),
-        logit_dist_end=norm(logits - logits[:, :, -1:]),
+        dist=norm(y - y[..., :1, :]),
+        dist_end=norm(y - y[..., -1:, :]),
+        logit_dist=jnp.linalg.norm(logits - logits[:, :, :1], axis=-1),
+        logit_dist_end=jnp.linalg.norm(logits - logits[:, :, -1:], axis=-1),
         top=jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
