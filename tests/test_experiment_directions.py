@@ -1,0 +1,75 @@
+"""experiments.directions and experiments.slices end to end on the shipped model, and their errors
+(subprocesses: the one-line ``error:`` and the exit status are what a user sees)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from plateau_jax.plotting import directions as dplot
+from plateau_jax.plotting import slices as splot
+from plateau_jax.plotting.plateaus import load_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--n_base=6", "--n_directions=2", "--n_lengths=6", "--sensitive_steps=3",
+        "--sensitive_restarts=2", "--reference_max_prompts=300", "--batch_size=4"]
+
+
+def _run(module, *args):
+    env = dict(os.environ, PLATEAU_JAX_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_directions_writes_every_file(tmp_path):
+    out = tmp_path / "run"
+    p = _run("experiments.directions", f"--output_dir={out}", *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ["config.json", "reference.npz", "reference_activations.npy", "results.npz",
+                 "summary.md"] + [f + ".png" for f in dplot.FIGURES]:
+        assert (out / name).stat().st_size > 0, name
+    res = load_results(str(out / "results.npz"))
+    B, T, L = 6, 6, 6
+    M = 5 * 2 + 1 + 1 + 1  # five per-base types, one mixture, sensitive, steering
+    assert res["kl"].shape == (B, M, T) and res["rel_distance"].shape == (B, M, T, L + 1)
+    assert res["threshold"].shape == (B, M) and res["sharpness"].shape == (B, M, L + 1)
+    assert list(res["type_names"]) == ["real", "random", "matched", "cov_diff", "cov_sample",
+                                       "mixture", "sensitive", "steering"]
+    assert res["summary_kl_median"].shape == (8, T) and res["sensitive_trace"].shape == (B, 2, 3)
+    np.testing.assert_allclose(res["kl"][..., 0], 0.0, atol=1e-5)  # t = 0 is unperturbed
+    assert "| sensitive |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_slices_writes_every_file(tmp_path):
+    out = tmp_path / "run"
+    p = _run("experiments.slices", f"--output_dir={out}", "--grid=8",
+             "--reference_max_prompts=300")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ["config.json", "slices.npz"] + [f + ".png" for f in splot.FIGURES]:
+        assert (out / name).stat().st_size > 0, name
+    res = load_results(str(out / "slices.npz"))
+    assert res["top"].shape == (8, 8) and res["kl"].shape == (3, 8, 8)
+    np.testing.assert_allclose(res["anchor_coords"][0], [0.0, 0.0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,args,message", [
+    ("experiments.directions", ["--types=real,sideways"], "--types"),
+    ("experiments.directions", ["--n_lengths=0"], "--max_length/--n_lengths"),
+    ("experiments.directions", ["--layer=9"], "out of range"),
+    ("experiments.directions", ["--prompts_file=/nonexistent.txt"], "does not exist"),
+    ("experiments.slices", ["--grid=0"], "at least 1 point"),
+    ("experiments.slices", ["--endings=big,in"], "needs 3 distinct"),
+])
+def test_bad_flags_give_one_line_error(tmp_path, module, args, message):
+    out = tmp_path / "run"
+    p = _run(module, f"--output_dir={out}", *args)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not out.exists()  # refused before anything was written
