@@ -210,12 +210,8 @@ def summary_markdown(res, summary, model_name: str) -> str:
 @pc.cli
 def main(argv):
     del argv
-    check_flags()
-    model = common.load_model_from_flags()
-    pc.check_layer(model)
-    out = common.start_run(model)
+    model, out, ref = pc.start(check_flags)
     prompts, texts = base_prompts(model)
-    ref = pc.reference_from_flags(model, out)
     base = np.asarray(reference_lib.collect_activations(
         model, prompts, FLAGS.layer, FLAGS.site, batch_size=FLAGS.batch_size))
     dirs, types, extras = make_directions(model, prompts, base, ref)

@@ -110,6 +110,16 @@ def reference_from_flags(model, out_dir: str) -> reference_lib.Reference:
     return ref
 
 
+def start(check_flags):
+    """Checks the flags (before loading anything), loads the model, checks the layer, prepares
+    the output directory (config.json) and the reference: ``(model, out_dir, reference)``."""
+    check_flags()
+    model = common.load_model_from_flags()
+    check_layer(model)
+    out = common.start_run(model)
+    return model, out, reference_from_flags(model, out)
+
+
 def split_prompts(spec: str) -> List[str]:
     """``"a|b|c"`` -> ``["a", "b", "c"]`` (prompts may contain commas), blanks dropped."""
     return [p.strip() for p in spec.split("|") if p.strip()]

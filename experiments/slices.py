@@ -20,7 +20,6 @@ import numpy as np
 from absl import app, flags
 
 import plateau_jax
-from experiments import common
 from experiments import perturb_common as pc
 from plateau_jax import files
 from plateau_jax.plateaus import directions as D
@@ -120,11 +119,7 @@ def axis_direction(name, model, prompts, acts, ref, key):
 @pc.cli
 def main(argv):
     del argv
-    check_flags()
-    model = common.load_model_from_flags()
-    pc.check_layer(model)
-    out = common.start_run(model)
-    ref = pc.reference_from_flags(model, out)
+    model, out, ref = pc.start(check_flags)
     ctx, tokens, prompts, acts = anchors_from_flags(model)
     labels = [model.tokenizer.decode([t]) for t in tokens]
     if FLAGS.plane == "anchors":

@@ -206,19 +206,23 @@ def test_activation_threshold_interpolates_the_first_crossing():
         D.activation_threshold(kl, t, 0.0)
 
 
-def _same_length(prompts, base, n=4, length=6):
-    idx = [i for i, p in enumerate(prompts) if len(p) == length][:n]
-    return [prompts[i] for i in idx], base[idx]
+LENGTH = 0.15
+
+
+def _sensitive(setup, **kwargs):
+    """Four base points of one prompt length (one plain-forward compile) and their search."""
+    model, prompts, ref, acts, base = setup
+    idx = [i for i, p in enumerate(prompts) if len(p) == 6][:4]
+    prompts, base = [prompts[i] for i in idx], base[idx]
+    res = D.find_sensitive_directions(model, prompts, base, LAYER, SITE, ref.typical_distance,
+                                      length=LENGTH, learning_rate=0.1, **kwargs)
+    return model, prompts, ref, base, res
 
 
 def test_sensitive_beats_best_of_1000_random_directions(setup):
-    model, prompts, ref, acts, base = setup
-    prompts, base = _same_length(prompts, base)
+    model, prompts, ref, base, res = _sensitive(setup, restarts=3, steps=40, seed=0)
     B, d = base.shape
-    length = 0.15
-    res = D.find_sensitive_directions(model, prompts, base, LAYER, SITE, ref.typical_distance,
-                                      length=length, restarts=3, steps=40, learning_rate=0.1,
-                                      seed=0)
+    length = LENGTH
     assert res.directions.shape == (B, 3, d) and res.trace.shape == (B, 3, 40)
     np.testing.assert_allclose(np.linalg.norm(res.directions, axis=-1), 1.0, atol=1e-5)
     assert np.all(np.diff(res.objective, axis=1) <= 0)  # restarts sorted best first
@@ -234,21 +238,16 @@ def test_sensitive_beats_best_of_1000_random_directions(setup):
                                   [0.0, length], LAYER, SITE, ref.typical_distance)
     np.testing.assert_allclose(rr.kl[:, 0, 1], kl_best, rtol=1e-3, atol=1e-6)
     assert np.all(kl_best > rr.kl[:, 1:, 1].max(axis=1))
-    again = D.find_sensitive_directions(model, prompts, base, LAYER, SITE, ref.typical_distance,
-                                        length=length, restarts=3, steps=40, learning_rate=0.1,
-                                        seed=0)
+    again = _sensitive(setup, restarts=3, steps=40, seed=0)[-1]
     np.testing.assert_array_equal(again.directions, res.directions)
 
 
 @pytest.mark.slow
 def test_sensitive_distance_objective_beats_random(setup):
-    model, prompts, ref, acts, base = setup
-    prompts, base = _same_length(prompts, base)
+    model, prompts, ref, base, res = _sensitive(setup, restarts=2, steps=20,
+                                                objective="distance", target_layer=2)
     B, d = base.shape
-    length = 0.15
-    res = D.find_sensitive_directions(model, prompts, base, LAYER, SITE, ref.typical_distance,
-                                      length=length, restarts=2, steps=20, learning_rate=0.1,
-                                      objective="distance", target_layer=2)
+    length = LENGTH
     name = plateau_jax.site(2, "resid_post")
     x = base[:, None] + length * ref.typical_distance * res.best
     _, rec = _plain(model, prompts, np.concatenate([base[:, None], x], 1).astype(np.float32),

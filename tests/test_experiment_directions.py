@@ -73,3 +73,56 @@ def test_bad_flags_give_one_line_error(tmp_path, module, args, message):
     assert last.startswith("error:") and message in last, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert not out.exists()  # refused before anything was written
+
+
+_FOUR = """
+import sys
+import numpy as np
+import jax
+assert jax.device_count() == 4, jax.devices()
+import plateau_jax as pj
+from plateau_jax.plateaus import directions as D, reference as R
+m = pj.load_gpt2(sys.argv[1])
+prompts = [np.asarray(p, np.int32) for p in {prompts!r}]
+base = R.collect_activations(m, prompts, 1, "resid_pre", batch_size=3)
+u = np.asarray(D.random_directions(jax.random.PRNGKey(0), len(prompts), 3, m.config.d_model))
+res = D.perturbation_responses(m, prompts, base, u, [0.0, 0.5, 1.0], 1, "resid_pre", 2.0,
+                               batch_size=3)
+sens = D.find_sensitive_directions(m, prompts, base, 1, "resid_pre", 2.0, length=0.5, restarts=2,
+                                   steps=5, batch_size=3)
+np.savez(sys.argv[2], base=base, kl=res.kl, dist=res.dist, sens=sens.directions)
+"""
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one(tmp_path):
+    """Collection, responses and the sensitive search sharded over 4 (simulated) devices, with a
+    batch that does not divide evenly, equal the single-device results."""
+    import jax
+
+    import plateau_jax as pj
+    from plateau_fixtures import tiny_checkpoint_dir
+    from plateau_jax.plateaus import directions as D, reference as R
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 400, n).tolist() for n in (3, 5, 4, 6, 2, 5, 3)]
+    path = str(tmp_path / "four.npz")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PLATEAU_JAX_NO_PROGRESS="1")
+    p = subprocess.run([sys.executable, "-c", _FOUR.format(prompts=prompts),
+                        tiny_checkpoint_dir(), path], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = pj.load_gpt2(tiny_checkpoint_dir())
+    prompts = [np.asarray(q, np.int32) for q in prompts]
+    base = R.collect_activations(m, prompts, 1, "resid_pre", batch_size=3)
+    u = np.asarray(D.random_directions(jax.random.PRNGKey(0), len(prompts), 3, m.config.d_model))
+    res = D.perturbation_responses(m, prompts, base, u, [0.0, 0.5, 1.0], 1, "resid_pre", 2.0,
+                                   batch_size=3)
+    sens = D.find_sensitive_directions(m, prompts, base, 1, "resid_pre", 2.0, length=0.5,
+                                       restarts=2, steps=5, batch_size=3)
+    with np.load(path) as z:
+        np.testing.assert_allclose(z["base"], base, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(z["kl"], res.kl, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(z["dist"], res.dist, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(z["sens"], sens.directions, rtol=1e-3, atol=1e-4)
