@@ -1,6 +1,7 @@
 """experiments.directions and experiments.slices end to end on the shipped model, and their errors
 (subprocesses: the one-line ``error:`` and the exit status are what a user sees)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,20 @@ def test_four_devices_equal_one(tmp_path):
         np.testing.assert_allclose(z["kl"], res.kl, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(z["dist"], res.dist, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(z["sens"], sens.directions, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,flagfile,extra", [
+    ("experiments.directions", "directions_gpt2_small.flags",
+     ["--n_base=4", "--n_directions=2", "--n_lengths=4", "--types=real,random,sensitive",
+      "--sensitive_steps=2", "--reference_max_prompts=200"]),
+    ("experiments.slices", "slices_gpt2_small.flags", ["--grid=4", "--reference_max_prompts=200"]),
+])
+def test_gpt2_small_flagfiles_run(tmp_path, module, flagfile, extra):
+    """The GPT-2-small flagfiles parse and run (on the shipped model: no download in tests)."""
+    out = tmp_path / "run"
+    p = _run(module, f"--flagfile=experiments/flags/{flagfile}", "--model=tiny-plateau",
+             f"--output_dir={out}", *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["layer"], cfg["site"]) == (1, "resid_pre")
