@@ -44,7 +44,7 @@ def write_random_checkpoint(preset: str, directory: str) -> int:
 
     import plateau_jax
     cfg = plateau_jax.GPT2Config.preset(preset)
-    shapes = plateau_jax.model.loading._flatten(plateau_jax.abstract_params(cfg))
+    shapes = plateau_jax.model.loading._flatten(plateau_jax.model.params.abstract_params(cfg))
     rng = np.random.default_rng(0)
     tensors = {"transformer." + k: (rng.standard_normal(v.shape, np.float32) * 0.02)
                for k, v in shapes.items()}

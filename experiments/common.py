@@ -9,15 +9,38 @@ from absl import flags
 
 import plateau_jax
 from plateau_jax import files
+from plateau_jax.compilation import DEFAULT_CACHE_DIR, enable_compilation_cache
+from plateau_jax.model.core import MATMUL_PRECISIONS
 from plateau_jax.model.loading import DEFAULT_MODEL
 
 FLAGS = flags.FLAGS
 
 
+def define_runtime_flags():
+    """--matmul_precision and --compilation_cache (idempotent)."""
+    if "matmul_precision" in FLAGS:
+        return
+    flags.DEFINE_enum("matmul_precision", "highest", list(MATMUL_PRECISIONS),
+                      "Precision of every matrix product: 'highest' is exact float32 on every "
+                      "backend; 'high', 'tensorfloat32', 'bfloat16' or 'default' are faster "
+                      "on GPUs/TPUs and less accurate (docs/numerics.md).")
+    flags.DEFINE_string("compilation_cache", DEFAULT_CACHE_DIR,
+                        "Persistent XLA compilation cache directory (a second run of the same "
+                        "configuration skips compilation); empty to turn it off.")
+
+
+def apply_runtime_flags() -> None:
+    """Turns on the compilation cache (call before any JAX computation)."""
+    path = enable_compilation_cache(FLAGS.compilation_cache)
+    logging.info("compilation cache: %s", path or "off")
+
+
 def define_model_flags():
-    """--model, --dtype, --ln_mode, --center_writing_weights, --allow_pickle, --output_dir.
+    """--model, --dtype, --ln_mode, --center_writing_weights, --allow_pickle, --output_dir and
+    the runtime flags (:func:`define_runtime_flags`).
 
     Idempotent, so several experiment modules can be imported into one process."""
+    define_runtime_flags()
     if "model" in FLAGS:
         return
     flags.DEFINE_string("model", DEFAULT_MODEL,
@@ -33,10 +56,12 @@ def define_model_flags():
 
 
 def load_model_from_flags() -> plateau_jax.GPT2:
+    apply_runtime_flags()
     logging.info("Loading %s", FLAGS.model)
-    return plateau_jax.load_gpt2(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
-                                 center_writing_weights=FLAGS.center_writing_weights,
-                                 allow_pickle=FLAGS.allow_pickle)
+    return plateau_jax.load_model(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
+                                  center_writing_weights=FLAGS.center_writing_weights,
+                                  allow_pickle=FLAGS.allow_pickle,
+                                  matmul_precision=FLAGS.matmul_precision)
 
 
 def resolved_flags(module_names=None) -> dict:

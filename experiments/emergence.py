@@ -34,6 +34,8 @@ import re
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 from plateau_jax.plateaus import metrics
 
 FLAGS = flags.FLAGS
@@ -52,6 +54,7 @@ def define_flags():
     flags.DEFINE_integer("n_steps", 50, "Points on the path (alpha = linspace(0, 1, n_steps)).")
     flags.DEFINE_enum("path", "slerp", ["slerp", "linear"], "Interpolation path.")
     flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype.")
+    common.define_runtime_flags()
 
 
 # ----------------------------------------------------------------------------- metric helpers
@@ -141,7 +144,7 @@ def _quartiles(v):
 
 
 def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp",
-        heldout_loss=None) -> dict:
+        heldout_loss=None, precision: str = "highest") -> dict:
     """Analyses every (step, directory) checkpoint; returns {"checkpoints": [...], "summary": [...]}."""
     import plateau_jax
     from plateau_jax import files
@@ -152,7 +155,7 @@ def run(checkpoints, contexts, pair_spec: str, layer=0, n_steps=50, path="slerp"
     pairs_raw = prompts.parse_pairs(pair_spec)
     results, summary = [], []
     for step, directory in files.progress(checkpoints, "checkpoints"):
-        model = plateau_jax.load_gpt2(directory)
+        model = plateau_jax.load_model(directory, matmul_precision=precision)
         pairs = [prompts.encode_pair(model.tokenizer, c, a, b, model.config.n_positions)
                  for c in contexts for a, b in pairs_raw]
         per_pair = [analyse_pair(model, p, layer, alpha, path) for p in pairs]
@@ -262,7 +265,9 @@ def main(argv):
     out = files.prepare_output_dir(FLAGS.output_dir)
     files.write_config(out, {f: getattr(FLAGS, f) for f in
                           ("run_dir", "checkpoints", "contexts", "pairs", "layer", "n_steps", "path")})
-    res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout)
+    common.apply_runtime_flags()
+    res = run(ckpts, FLAGS.contexts, FLAGS.pairs, FLAGS.layer, FLAGS.n_steps, FLAGS.path, heldout,
+              FLAGS.matmul_precision)
     n_later = len(res["checkpoints"][0]["pairs"][0]["jacobian"])
     res["chance_peak_offset"] = random_baseline_offset(n_later, FLAGS.n_steps)
     files.atomic_write_json(os.path.join(out, "results.json"), res)

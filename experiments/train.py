@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 
 def define_flags():
@@ -62,6 +64,7 @@ def define_flags():
                         "corpus licence and the training summary into this directory (e.g. "
                         "plateau_jax/assets/tiny-plateau, the shipped model).")
     flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
+    common.define_runtime_flags()
 
 
 def _decay_mask(params):
@@ -84,19 +87,19 @@ def make_optimizer(lr: float, warmup: int, steps: int, min_lr_ratio: float, weig
     ), schedule
 
 
-def loss_fn(params, config, batch):
+def loss_fn(params, config, batch, precision="highest"):
     """Mean next-token cross-entropy (nats) of ``batch`` [B, T+1] (the library's core forward)."""
     from plateau_jax.training.loss import next_token_loss
-    return next_token_loss(params, config, batch)
+    return next_token_loss(params, config, batch, precision)
 
 
-def make_train_step(config, optimizer):
+def make_train_step(config, optimizer, precision="highest"):
     import jax
     import optax
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, config, batch)
+        loss, grads = jax.value_and_grad(loss_fn)(params, config, batch, precision)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         gnorm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         return optax.apply_updates(params, updates), opt_state, loss, gnorm
@@ -104,11 +107,11 @@ def make_train_step(config, optimizer):
     return step
 
 
-def make_eval(config, chunk: int = 16):
+def make_eval(config, chunk: int = 16, precision="highest"):
     import jax
     import numpy as np
 
-    f = jax.jit(lambda p, b: loss_fn(p, config, b))
+    f = jax.jit(lambda p, b: loss_fn(p, config, b, precision))
 
     def evaluate(params, windows) -> float:
         losses = [float(f(params, windows[i:i + chunk])) * len(windows[i:i + chunk])
@@ -123,6 +126,7 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
           batch_size=16, steps=800, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50,
           weight_decay=0.1, clip_norm=1.0, beta2=0.99, seed=0, save_steps=(0,), eval_every=100,
           eval_windows=64, log_every=25, save_dtype="float32", max_minutes=None,
+          matmul_precision="highest",
           texts=None, flags_record=None, return_model=False):
     """The training run behind ``python -m experiments.train`` (see module doc).
 
@@ -168,8 +172,8 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     optimizer, schedule = make_optimizer(lr, warmup_steps, steps, min_lr_ratio, weight_decay,
                                          clip_norm, beta2)
     opt_state = optimizer.init(model.params)
-    train_step = make_train_step(config, optimizer)
-    evaluate = make_eval(config)
+    train_step = make_train_step(config, optimizer, matmul_precision)
+    evaluate = make_eval(config, precision=matmul_precision)
     all_eval = data.eval_windows(held_stream, n_ctx)
     quick_eval = all_eval[:eval_windows]
     unigram = data.unigram_loss(train_stream, all_eval[:, 1:], vocab)
@@ -293,8 +297,10 @@ def main(argv):
                          "heldout_per_mille", "n_layer", "n_embd", "n_head", "n_inner", "n_ctx",
                          "batch_size", "steps", "lr", "min_lr_ratio", "warmup_steps",
                          "weight_decay", "clip_norm", "beta2", "seed", "eval_every",
-                         "eval_windows", "log_every", "save_dtype", "max_minutes")]
+                         "eval_windows", "log_every", "save_dtype", "max_minutes",
+                         "matmul_precision")]
     kw = {n: getattr(FLAGS, n) for n in names}
+    common.apply_runtime_flags()
     kw["save_steps"] = [int(s) for s in FLAGS.save_steps]
     from plateau_jax.training.data import CorpusNotFoundError
     try:

@@ -26,7 +26,7 @@ def _random_params(config, seed: int, scale: float):
             return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
         return (0.02 * scale * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(draw, plateau_jax.abstract_params(config))
+    return jax.tree_util.tree_map_with_path(draw, plateau_jax.model.params.abstract_params(config))
 
 
 @functools.lru_cache(maxsize=None)

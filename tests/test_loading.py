@@ -224,7 +224,7 @@ def test_presets_match_released_sizes():
     assert (large.n_layer, large.d_model, large.n_head, large.d_mlp) == (36, 1280, 20, 5120)
     xl = plateau_jax.GPT2Config.preset("gpt2-xl")
     assert (xl.n_layer, xl.d_model, xl.d_head) == (48, 1600, 64)
-    shapes = plateau_jax.abstract_params(plateau_jax.GPT2Config.preset("gpt2"))
+    shapes = plateau_jax.model.params.abstract_params(plateau_jax.GPT2Config.preset("gpt2"))
     n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
     assert n == 124_439_808  # GPT-2 small's parameter count (tied embeddings)
 

@@ -94,7 +94,7 @@ def test_optimizer_warmup_cosine_and_clipping():
 
 
 def test_decay_mask_spares_biases_and_layernorm():
-    mask = train_lib._decay_mask(plateau_jax.abstract_params(plateau_jax.testing.tiny_config()))
+    mask = train_lib._decay_mask(plateau_jax.model.params.abstract_params(plateau_jax.testing.tiny_config()))
     assert mask["blocks"]["mlp"]["W_in"] and mask["embed"]["W_E"] and mask["blocks"]["attn"]["W_O"]
     assert not mask["blocks"]["mlp"]["b_in"] and not mask["ln_final"]["w"]
     assert not mask["blocks"]["ln1"]["b"]  # [L, d]: stacked, yet a bias

@@ -379,7 +379,7 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
       force, max_full_bytes: see :func:`check_full_size`.
 
     Returns:
-      ``{name: array}`` with the layer axis first (rows = :func:`sweep_layers`), steps second:
+      ``{name: numpy array}`` with the layer axis first (rows = :func:`sweep_layers`), steps second:
       ``{fam}_fro``/``{fam}_spec`` ``[L, N]``, ``{fam}_topk`` ``[L, N, k]``,
       ``{fam}_fro_hutch``/``{fam}_fro_hutch_se`` ``[L, N]``, ``{fam}_full`` ``[L, N, d, d]`` for
       fam in families + "cumulative" + "product_mlp"/"product_attn" (cumulative and products:
@@ -407,4 +407,4 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
     entry = jnp.asarray(sites_lib.entry_index(layer, site, cfg), jnp.int32)
     out = _sweep_jit(model.params, prefix, x, entry, jax.random.PRNGKey(seed), grams, cfg, opts,
                      model.matmul_precision)
-    return {k: v[first:] for k, v in out.items()}
+    return {k: np.asarray(v)[first:] for k, v in out.items()}  # host arrays: no per-layer slice programs

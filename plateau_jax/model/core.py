@@ -35,8 +35,10 @@ from plateau_jax.model.sites import HALF, site_index, site_shape
 
 Array = jax.Array
 
-MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16",
-                     "bfloat16_3x")
+# "highest"/"float32": exact float32 products on every backend (the default). Faster, by name:
+# "tensorfloat32" (TF32 tensor cores), "high" (TF32 on GPUs, 3 bf16 passes on TPUs),
+# "bfloat16" (one bf16 pass), "default" (the backend's fastest: TF32 on recent NVIDIA GPUs).
+MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
 
 
 @flax.struct.dataclass
@@ -94,7 +96,7 @@ def record_layers(layers_by_site: Dict[str, Sequence[int]], n_layer: int) -> Int
     for local, ls in sorted(layers_by_site.items()):
         s = np.full(n_layer, -1, np.int32)
         s[list(ls)] = np.arange(len(ls), dtype=np.int32)
-        slots[local] = jnp.asarray(s)
+        slots[local] = s
         sizes.append((local, len(ls)))
     return Interventions(rec_slots=slots, rec_sizes=tuple(sizes))
 
@@ -103,7 +105,7 @@ def layer_patch(values, layers_patched: Sequence[int], n_layer: int, where=None)
     """A :class:`Patch` putting row ``j`` of ``values`` into layer ``layers_patched[j]``."""
     s = np.full(n_layer, -1, np.int32)
     s[list(layers_patched)] = np.arange(len(layers_patched), dtype=np.int32)
-    return Patch(values=values, slots=jnp.asarray(s), where=where)
+    return Patch(values=values, slots=s, where=where)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -132,7 +134,8 @@ class _Hook:
     def __call__(self, name: str, value: Array) -> Array:
         patch = self.iv.patches.get(name)
         if patch is not None:
-            value = _patch(value, patch, None if self.i is None else patch.slots[self.i])
+            slot = None if self.i is None else jnp.asarray(patch.slots)[self.i]
+            value = _patch(value, patch, slot)
         if name in (self.iv.rec_global if self.i is None else self.iv.rec_slots):
             self.recs[name] = value
         return value
@@ -252,7 +255,7 @@ def run_blocks(params, cfg: ModelConfig, x: Array, *, positions: Array,
         y = hook("hook_resid_post", y)
         out = {"_x": y}
         for n in recorded:
-            slot = iv.rec_slots[n][i]
+            slot = jnp.asarray(iv.rec_slots[n])[i]
             buf = bufs[n]
             row = jnp.where(slot >= 0, slot, buf.shape[0] - 1)
             out[n] = jax.lax.dynamic_update_index_in_dim(buf, hook.recs[n].astype(buf.dtype), row, 0)
@@ -323,7 +326,7 @@ def continue_from(params, cfg: ModelConfig, cache: KVCache, x: Array, entry: Arr
     x, recs, _ = run_blocks(params, cfg, x, positions=positions, context=cache, entry=entry, iv=iv)
     logits = unembed(params, cfg, x, ghook)
     for name, k in iv.rec_sizes:  # rows of sites upstream of the entry were never computed
-        layer = jnp.argmax(iv.rec_slots[name][None, :] == jnp.arange(k)[:, None], axis=1)
+        layer = jnp.argmax(jnp.asarray(iv.rec_slots[name])[None, :] == jnp.arange(k)[:, None], axis=1)
         computed = 2 * layer + _half_offset(name, cfg) >= entry
         recs[name] = jnp.where(computed.reshape((k,) + (1,) * (recs[name].ndim - 1)),
                                recs[name], jnp.nan)
@@ -340,6 +343,6 @@ def check_precision(name: str) -> str:
     if name not in MATMUL_PRECISIONS:
         raise ValueError(
             f"matmul_precision={name!r} is not one of {MATMUL_PRECISIONS}. 'highest' (the default) "
-            "is exact float32 on every backend; 'tensorfloat32', 'bfloat16_3x', 'bfloat16' or "
-            "'default' trade accuracy for speed on GPUs/TPUs (see docs/numerics.md).")
+            "is exact float32 on every backend; 'high', 'tensorfloat32', 'bfloat16' or 'default' "
+            "trade accuracy for speed on GPUs/TPUs (see docs/numerics.md).")
     return name

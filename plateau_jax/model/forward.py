@@ -45,10 +45,23 @@ def identity_block(x):
 
 # ----------------------------------------------------------------------------- jitted programs
 
-@functools.partial(jax.jit, static_argnames=("cfg", "precision", "collect_kv"))
-def _forward_jit(params, ids, iv, cfg, precision, collect_kv=False):
+def _select(records, layout, squeeze: bool):
+    """``{name: value}`` from the core's stacked records, by a static ``layout`` of
+    ``(name, local, row (-1: a global site), pattern rows first)``."""
+    out = {}
+    for name, local, row, rows_first in layout:
+        value = records[local] if row < 0 else records[local][row]
+        if rows_first:
+            value = jnp.swapaxes(value, 1, 2)
+        out[name] = value[0] if squeeze else value
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "precision", "layout"))
+def _forward_jit(params, ids, iv, cfg, precision, layout):
     with jax.default_matmul_precision(precision):
-        return core.forward(params, cfg, ids, iv, collect_kv)
+        logits, records, _ = core.forward(params, cfg, ids, iv)
+    return logits, _select(records, layout, False)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "precision"))
@@ -57,16 +70,30 @@ def _prefix_jit(params, ids, lengths, iv, cfg, precision):
         return core.prefix(params, cfg, ids, lengths, iv)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
-def _continue_jit(params, cache, x, entry, iv, cfg, precision):
+@functools.partial(jax.jit, static_argnames=("cfg", "precision", "layout", "squeeze"))
+def _continue_jit(params, cache, x, entry, iv, cfg, precision, layout=None, squeeze=False):
+    """One program for every entry point (``entry`` is traced). ``layout`` None: stacked records."""
     with jax.default_matmul_precision(precision):
-        return core.continue_from(params, cfg, cache, x, entry, iv)
+        logits, records = core.continue_from(params, cfg, cache, x, entry, iv)
+    if layout is None:
+        return logits, records
+    return (logits[0] if squeeze else logits), _select(records, layout, squeeze)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _embed_next_jit(params, cache, ids, cfg):
+    return core.embed_next(params, cfg, cache, ids)
 
 
 # ----------------------------------------------------------------------------- validation
 
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _xp(*xs):
+    """numpy for concrete values (no eager XLA programs), jax.numpy under tracing."""
+    return np if _concrete(*xs) else jnp
 
 
 def as_ids(tokens, config: ModelConfig) -> Tuple[Array, bool]:
@@ -82,7 +109,7 @@ def as_ids(tokens, config: ModelConfig) -> Tuple[Array, bool]:
             raise ValueError(
                 f"token ids {sorted(set(bad.tolist()))[:5]} are outside the vocabulary "
                 f"[0, {config.vocab_size}); tokenize with this model's tokenizer.")
-        ids = jnp.asarray(arr, jnp.int32)
+        ids = arr.astype(np.int32)
     else:
         ids = tokens
     if ids.shape[-1] > config.n_positions:
@@ -129,17 +156,18 @@ def _patch_value(value, shape: Tuple[int, ...], pos_axis: int, per_row: bool):
 
     Continuation rows (``per_row``) and values of the site's full rank replace every position;
     lower-rank values replace the last position only (leading axes broadcast)."""
-    v = jnp.asarray(value)
+    xp = _xp(value)
+    v = xp.asarray(value)
     rank = len(shape)
     if v.ndim > rank:
         raise ValueError(f"patch of shape {v.shape} has more axes than the site's {shape}.")
     if per_row or v.ndim == rank:
         return v.reshape((1,) * (rank - v.ndim) + v.shape), None
     v = v.reshape((1,) * (rank - 1 - v.ndim) + v.shape)
-    v = jnp.expand_dims(v, pos_axis)
+    v = xp.expand_dims(v, pos_axis)
     where = np.zeros((shape[pos_axis],) + (1,) * (rank - 1 - pos_axis), bool)
     where[-1] = True
-    return v, jnp.asarray(where)
+    return v, where
 
 
 def _interventions(config: ModelConfig, sites, patches, swaps, *, batch: int, new: int,
@@ -165,29 +193,27 @@ def _interventions(config: ModelConfig, sites, patches, swaps, *, batch: int, ne
         if layers[0] < 0:  # a global site
             core_patches[local] = core.Patch(values=items[0][1], where=items[0][2])
             continue
-        common = jnp.broadcast_shapes(*[v.shape for _, v, _ in items])
-        values = jnp.stack([jnp.broadcast_to(v, common) for _, v, _ in items])
+        xp = _xp(*[v for _, v, _ in items])
+        common = np.broadcast_shapes(*[v.shape for _, v, _ in items])
+        values = xp.stack([xp.broadcast_to(v, common) for _, v, _ in items])
         where = None
         if any(w is not None for _, _, w in items):
-            masks = [w for _, _, w in items if w is not None]
-            full = jnp.ones_like(masks[0])
-            where = jnp.stack([full if w is None else w for _, _, w in items])
+            full = np.ones_like(next(w for _, _, w in items if w is not None))
+            where = np.stack([full if w is None else w for _, _, w in items])
         core_patches[local] = core.layer_patch(values, layers, config.n_layer, where=where)
     return iv.replace(rec_global=tuple(rec_global), patches=core_patches, swaps=swaps)
 
 
-def _unpack(records, names, config: ModelConfig, squeeze: bool, rows: bool = False):
-    """Full site name -> its value, from the core's stacked records. ``rows``: continuation
-    records, whose attention pattern is returned row-major (``[B, N, H, keys]``)."""
+def _layout(names, config: ModelConfig, rows: bool = False):
+    """The static layout :func:`_select` reads records by (``rows``: continuation records, whose
+    attention pattern is returned row-major, ``[B, N, H, keys]``)."""
     by_local, _ = sites_lib.group_by_local(names, config)
-    out = {}
+    out = []
     for name in names:
         layer, local = sites_lib.parse_site(name, config)
-        value = records[local] if layer < 0 else records[local][by_local[local].index(layer)]
-        if rows and local == "attn.hook_pattern":
-            value = jnp.swapaxes(value, 1, 2)
-        out[name] = value[0] if squeeze else value
-    return out
+        row = -1 if layer < 0 else by_local[local].index(layer)
+        out.append((name, local, row, rows and local == "attn.hook_pattern"))
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -212,8 +238,8 @@ def forward(model: Model, tokens, sites: Sequence[str] = (), patches: Optional[M
     swaps = _swaps(swaps, cfg)
     iv = _interventions(cfg, sites, patches, swaps, batch=B, new=T, keys=T, entry=None,
                         per_row=False)
-    logits, records, _ = _forward_jit(model.params, ids, iv, cfg, model.matmul_precision)
-    return logits, _unpack(records, sites_lib.validate_sites(sites, cfg), cfg, squeeze=False)
+    layout = _layout(sites_lib.validate_sites(sites, cfg), cfg)
+    return _forward_jit(model.params, ids, iv, cfg, model.matmul_precision, layout)
 
 
 def run_prefix(model: Model, context, lengths=None,
@@ -240,13 +266,13 @@ def run_prefix(model: Model, context, lengths=None,
             raise ValueError(f"lengths must be {B} integers in [1, {T}] (the real length of each "
                              f"padded context); got {arr.tolist()}.")
     iv = core.NONE.replace(swaps=_swaps(swaps, cfg))
-    return _prefix_jit(model.params, ids, jnp.asarray(lengths, jnp.int32), iv, cfg,
+    return _prefix_jit(model.params, ids, _xp(lengths).asarray(lengths, np.int32), iv, cfg,
                        model.matmul_precision)
 
 
 def _rows(cache: KVCache, x, width: int, what: str):
     """``x`` as ``[B, N, width]`` and whether it came as ``[N, width]`` (a cache of batch 1)."""
-    x = jnp.asarray(x)
+    x = _xp(x).asarray(x)
     B = cache.batch
     if x.ndim == 2 and B == 1 and x.shape[-1] == width:
         return x[None], True
@@ -261,22 +287,17 @@ def embed_next_token(model: Model, cache: KVCache, token_ids) -> Array:
     """``blocks.0.hook_resid_pre`` of tokens placed right after the cached context(s):
     ``[N]`` -> ``[N, d]`` for a cache of one context, ``[B, N]`` -> ``[B, N, d]``."""
     cfg = model.config
-    ids = jnp.asarray(token_ids)
+    ids = _xp(token_ids).asarray(token_ids).astype(np.int32)
     if _concrete(token_ids):
-        as_ids(np.asarray(token_ids).reshape(1, -1), cfg)  # range check
+        as_ids(ids.reshape(1, -1), cfg)  # range check
     squeeze = ids.ndim == 1
     if squeeze:
         if cache.batch != 1:
             raise ValueError(f"token_ids must be [{cache.batch}, N] for a cache of "
                              f"{cache.batch} contexts; got {tuple(ids.shape)}.")
         ids = ids[None]
-    x = _embed_next_jit(model.params, cache, ids.astype(jnp.int32), cfg)
+    x = _embed_next_jit(model.params, cache, ids, cfg)
     return x[0] if squeeze else x
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _embed_next_jit(params, cache, ids, cfg):
-    return core.embed_next(params, cfg, cache, ids)
 
 
 def continue_from(model: Model, cache: KVCache, x, layer: int, site: str = "resid_post",
@@ -308,14 +329,13 @@ def continue_from(model: Model, cache: KVCache, x, layer: int, site: str = "resi
         raise ValueError(f"blocks.{layer} is swapped for a function; it cannot be entered at resid_mid.")
     B, N, _ = xb.shape
     if squeeze:
-        patches = {k: jnp.asarray(v)[None] if jnp.ndim(v) >= 2 else v
+        patches = {k: _xp(v).asarray(v)[None] if np.ndim(v) >= 2 else v
                    for k, v in dict(patches or {}).items()}
     iv = _interventions(cfg, sites, patches, swaps, batch=B, new=N, keys=cache.keys.shape[3] + 1,
                         entry=entry, per_row=True)
-    logits, records = _continue_jit(model.params, cache, xb.astype(model.dtype),
-                                    jnp.asarray(entry, jnp.int32), iv, cfg, model.matmul_precision)
-    names = sites_lib.validate_sites(sites, cfg)
-    return (logits[0] if squeeze else logits), _unpack(records, names, cfg, squeeze, rows=True)
+    layout = _layout(sites_lib.validate_sites(sites, cfg), cfg, rows=True)
+    return _continue_jit(model.params, cache, xb.astype(model.dtype), np.int32(entry), iv, cfg,
+                         model.matmul_precision, layout, squeeze)
 
 
 def continue_stacked(model: Model, cache: KVCache, x, layer: int, site: str = "resid_post", *,
@@ -347,7 +367,7 @@ def continue_stacked(model: Model, cache: KVCache, x, layer: int, site: str = "r
                             cfg.n_layer)
     if patches:
         iv = iv.replace(patches={sites_lib.local_name(c): core.layer_patch(
-            jnp.asarray(v), list(ls), cfg.n_layer) for c, (ls, v) in patches.items()})
-    logits, records = _continue_jit(model.params, cache, xb.astype(model.dtype),
-                                    jnp.asarray(entry, jnp.int32), iv, cfg, model.matmul_precision)
+            v, list(ls), cfg.n_layer) for c, (ls, v) in patches.items()})
+    logits, records = _continue_jit(model.params, cache, xb.astype(model.dtype), np.int32(entry),
+                                    iv, cfg, model.matmul_precision)
     return logits, {order.get(k, k): v for k, v in records.items()}

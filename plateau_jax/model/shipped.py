@@ -1,9 +1,13 @@
-"""Models shipped inside the package, registered by name so the loader resolves them offline.
+"""Models and tokenizers shipped inside the package, usable offline.
 
 Every directory ``plateau_jax/assets/<name>/`` holding a ``config.json`` becomes
-``plateau_jax.loading.LOCAL_MODELS[<name>]``; ``load_gpt2("tiny-plateau")`` then reads it with
-no network. ``tiny-plateau`` is the project's own small GPT-2 (trained by
+``plateau_jax.model.loading.LOCAL_MODELS[<name>]``; ``load_model("tiny-plateau")`` then reads it
+with no network. ``tiny-plateau`` is the project's own small GPT-2 (trained by
 ``python -m experiments.train``; see the README) and the scripts' default model.
+
+``gpt2_tokenizer()`` is GPT-2's own BPE tokenizer (the released ``encoder.json`` and
+``vocab.bpe``, MIT licence, vendored in ``assets/gpt2-tokenizer``): with
+``ModelConfig.preset("gpt2-large")`` and random weights it gives a study-shaped model offline.
 """
 
 from __future__ import annotations
@@ -32,6 +36,19 @@ def register() -> Dict[str, str]:
     for name, path in found.items():
         loading.LOCAL_MODELS.setdefault(name, path)
     return found
+
+
+GPT2_TOKENIZER_DIR = os.path.join(MODELS_DIR, "gpt2-tokenizer")
+
+
+def gpt2_tokenizer():
+    """GPT-2's tokenizer (vocabulary 50257; " big", " in", " large" are tokens 1263, 287, 1588)."""
+    import warnings
+
+    from transformers import AutoTokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(GPT2_TOKENIZER_DIR)
 
 
 def heldout_sample(name: str = loading.DEFAULT_MODEL) -> list:

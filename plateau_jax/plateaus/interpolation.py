@@ -14,7 +14,6 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from plateau_jax.model import sites as sites_lib
@@ -27,6 +26,7 @@ from plateau_jax.plateaus import paths as paths_lib
 # Per-layer components recorded by default (short site names, see plateau_jax.sites).
 DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
+_FREEZABLE = ("hook_attn_out", "hook_mlp_out")
 
 
 _HINT = " (in bfloat16/float16, try float32; else check the checkpoint's weights)."
@@ -70,7 +70,7 @@ def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> 
 
 
 def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[int],
-                         site: str = "resid_post") -> jax.Array:
+                         site: str = "resid_post") -> np.ndarray:
     """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token, in one call.
 
     Args:
@@ -82,9 +82,9 @@ def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[
       ``[len(layers), M, d]`` (residual units).
     """
     layers = [sites_lib.check_layer(int(l), model.config) for l in layers]
-    x0 = embed_next_token(model, cache, jnp.asarray(tokens, jnp.int32))
+    x0 = embed_next_token(model, cache, np.asarray(tokens, np.int32))
     _, rec = continue_stacked(model, cache, x0, 0, "resid_pre", record={site: layers})
-    return rec[site][:, 0]
+    return np.asarray(rec[site])[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +105,12 @@ class InterpolationRun:
     layer: int
     site: str
     alpha: np.ndarray
-    x: jax.Array
+    x: np.ndarray
     layers: Tuple[int, ...]
-    acts: Dict[str, jax.Array]
-    logits: Optional[jax.Array]
+    acts: Dict[str, np.ndarray]
+    logits: Optional[np.ndarray]
 
-    def act(self, component: str, layer: int) -> jax.Array:
+    def act(self, component: str, layer: int) -> np.ndarray:
         """``batch + (n, X)``: one component of one recorded layer."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not recorded; recorded layers: {self.layers}.")
@@ -152,34 +152,39 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
         raise ValueError(f"recording layers {bad} are not downstream of blocks.{layer}.hook_{site}: "
                          f"choose from {first}..{cfg.n_layer - 1}.")
     # float32 path: a bfloat16 alpha grid would be coarse. continue_from casts to the model dtype.
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    x = paths_lib.interpolate(a, b, alpha, path)  # batch + (n, d)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    x = np.asarray(paths_lib.interpolate(a, b, alpha, path))  # batch + (n, d)
     batch, d = x.shape[:-2], x.shape[-1]
     if prefix.batch == 1:  # every path shares the one context: all rows in one batch entry
-        rows = lambda t: jnp.reshape(t, (1, -1) + t.shape[len(batch) + 1:])
+        rows = lambda t: np.reshape(t, (1, -1) + t.shape[len(batch) + 1:])
     elif batch == (prefix.batch,):
         rows = lambda t: t
     else:
         raise ValueError(f"a cache of {prefix.batch} contexts needs a, b of shape "
                          f"[{prefix.batch}, d]; got {tuple(batch) + (d,)}.")
-    unrows = lambda t: jnp.reshape(t, batch + (alpha.size,) + t.shape[2:])
+    unrows = lambda t: np.reshape(t, batch + (alpha.size,) + t.shape[2:])
     stacked = {}
     for name, value in dict(patches or {}).items():
         l, local = sites_lib.parse_site(name, cfg)
-        stacked.setdefault(local, []).append((l, rows(jnp.asarray(value))))
-    stacked = {c: ([l for l, _ in v], jnp.stack([t for _, t in v])) for c, v in stacked.items()}
+        stacked.setdefault(local, []).append((l, rows(np.asarray(value))))
+    stacked = {c: ([l for l, _ in v], np.stack([t for _, t in v])) for c, v in stacked.items()}
+    if stacked and set(stacked) <= set(_FREEZABLE):
+        # Freezing either component runs the same program: the other gets an inactive patch.
+        like = np.zeros_like(next(iter(stacked.values()))[1])
+        for c in _FREEZABLE:
+            stacked.setdefault(c, ([], like))
     # Every layer is recorded (rows upstream of the entry come back NaN): one compiled program
     # serves every interpolation layer.
     everything = list(range(cfg.n_layer))
     out_logits, rec = continue_stacked(model, prefix, rows(x), layer, site,
                                        record={c: everything for c in components},
                                        patches=stacked)
-    pick = jnp.asarray(layers, jnp.int32)
-    acts = {c: jnp.moveaxis(rec[c][pick].reshape((len(layers),) + batch + (alpha.size,)
-                                                 + rec[c].shape[3:]), 0, len(batch))
+    pick = np.asarray(layers, np.int32)
+    acts = {c: np.moveaxis(np.asarray(rec[c])[pick].reshape(
+        (len(layers),) + batch + (alpha.size,) + rec[c].shape[3:]), 0, len(batch))
             for c in components}
     run = InterpolationRun(layer, site, alpha, x, layers, acts,
-                           unrows(out_logits) if logits else None)
+                           unrows(np.asarray(out_logits)) if logits else None)
     if check_finite:
         check_run_finite(run)
     return run
@@ -220,7 +225,7 @@ def check_run_finite(run: InterpolationRun) -> None:
 
 
 def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
-                   layers: Optional[Sequence[int]] = None) -> Dict[str, jax.Array]:
+                   layers: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """Patches that freeze ``attn_out`` or ``mlp_out`` at the last position, from a clean run.
 
     For each layer ``l`` (default: every recorded layer of ``run``, i.e. every layer after the
@@ -242,17 +247,17 @@ def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
         raise ValueError(f"freezing {component!r} needs a run that recorded {key!r} "
                          "(components 'attn_out' and 'mlp_out' are recorded by default).")
     layers = run.layers if layers is None else tuple(int(l) for l in layers)
-    alpha = jnp.asarray(run.alpha, run.acts[key].dtype)[:, None]
+    alpha = np.asarray(run.alpha, run.acts[key].dtype)[:, None]
     values = {}
     for l in layers:
         if _upstream(l, key, run.layer, run.site):
             continue  # entering at resid_mid skips that layer's attention
         v = run.act(key, l)  # batch + (n, d)
         if mode == "mean":
-            f = jnp.mean(v, axis=-2, keepdims=True)
+            f = np.mean(v, axis=-2, keepdims=True)
         elif mode == "endpoint_a":
             f = v[..., :1, :]
         else:
             f = v[..., :1, :] + alpha * (v[..., -1:, :] - v[..., :1, :])
-        values[component_site(l, key)] = jnp.broadcast_to(f, v.shape)
+        values[component_site(l, key)] = np.broadcast_to(f, v.shape)
     return values

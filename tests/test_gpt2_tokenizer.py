@@ -1,0 +1,20 @@
+"""The vendored GPT-2 tokenizer gives GPT-2's own token ids offline."""
+
+import plateau_jax as pj
+
+
+def test_known_gpt2_token_ids():
+    tok = pj.gpt2_tokenizer()
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    assert len(tok) == 50257 and tok.convert_tokens_to_ids("<|endoftext|>") == 50256
+    assert (ids(" big"), ids(" in"), ids(" large")) == ([1263], [287], [1588])
+    assert ids("The house was") == [464, 2156, 373]
+    assert ids("Hello world") == [15496, 995]
+    assert tok.decode(ids(" activation plateaus")) == " activation plateaus"
+
+
+def test_study_shaped_model_offline():
+    cfg = pj.ModelConfig.preset("gpt2", n_layer=1)  # GPT-2's vocabulary and width, one block
+    model = pj.init_model(cfg, tokenizer=pj.gpt2_tokenizer())
+    logits, _ = pj.forward(model, model.to_tokens("The house was big"))
+    assert logits.shape == (1, 4, 50257)
