@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import plateau_jax
+from plateau_jax.compilation import CompileCounter
 from plateau_jax.plateaus import directions as D
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import reference as R
@@ -193,6 +194,13 @@ def test_responses_equal_plain_forward_with_substitution(setup):
     np.testing.assert_allclose(res.sharpness()[..., -1],
                                metrics.sharpness(metrics.relative_distance(logits), lengths),
                                rtol=1e-4)
+    # Every other entry layer and site runs the same compiled program.
+    with CompileCounter() as counter:
+        for layer, site in ((0, "resid_post"), (2, "resid_mid")):
+            other = D.perturbation_responses(model, prompts, base, u, lengths, layer, site,
+                                             ref.typical_distance, batch_size=4)
+    assert counter.count == 0
+    assert np.all(np.isnan(other.dist[..., :2])) and np.all(np.isfinite(other.dist[..., 2]))
 
 
 def test_activation_threshold_interpolates_the_first_crossing():
