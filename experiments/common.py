@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 
 # Flags holding paths: a leading ~ is expanded (the shell does not expand --flag=~/x).
 PATH_FLAGS = ("model", "output_dir", "pairs_file", "word_list", "text_file", "run_dir",
+              "reference", "reference_file", "prompts_file",
               "corpus_dir", "tokenizer_dir", "package_to", "checkpoints")
 # Flags that do not change what a run computes, left out of the configuration comparison.
 NOT_CONFIG = ("output_dir", "overwrite", "compilation_cache")
@@ -120,9 +121,9 @@ def resolved_flags(module_names=None) -> dict:
     return dict(sorted(out.items()))
 
 
-def script_config(module_name: str) -> dict:
-    """The resolved flags of one script (its own and the shared ones): its configuration."""
-    return resolved_flags([module_name, __name__])
+def script_config(*module_names: str) -> dict:
+    """The resolved flags of one script (its modules' and the shared ones): its configuration."""
+    return resolved_flags([*module_names, __name__])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -276,10 +277,10 @@ def load_model_and_prompts(pub: files.Publication, pair_specs, check: Callable =
 
 # ----------------------------------------------------------------------------- output
 
-def open_publication(name: str, module_name: str) -> files.Publication:
+def open_publication(name: str, *module_names: str) -> files.Publication:
     """Checks ``--output_dir`` and any run published in ``--output_dir/<name>`` against this
     script's configuration (refused without ``--overwrite`` if it differs), before any work."""
-    return files.Publication(FLAGS.output_dir, name, script_config(module_name),
+    return files.Publication(FLAGS.output_dir, name, script_config(*module_names),
                              overwrite=FLAGS.overwrite, ignore=NOT_CONFIG)
 
 

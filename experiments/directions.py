@@ -20,7 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import common
 from experiments import perturb_common as pc
@@ -207,10 +207,18 @@ def summary_markdown(res, summary, model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pc.cli
+@common.cli
 def main(argv):
     del argv
-    model, out, ref = pc.start(check_flags)
+    model, pub = pc.start(check_flags, "directions", __name__)
+    with pub.staging() as out:
+        published = _compute_and_write(model, pub, out)
+    logging.info("Published %s", published)
+
+
+def _compute_and_write(model, pub, out: str) -> str:
+    """Everything of one run, written into the staging directory ``out``; publishes it."""
+    ref = pc.reference_from_flags(model, out)
     prompts, texts = base_prompts(model)
     base = np.asarray(reference_lib.collect_activations(
         model, prompts, FLAGS.layer, FLAGS.site, batch_size=FLAGS.batch_size))
@@ -242,9 +250,10 @@ def main(argv):
     files.atomic_write_bytes(os.path.join(out, "summary.md"), text.encode())
     paths = plotting.save_all(res, out, FLAGS.figure_format)
     print(text)
-    logging.info("Wrote %s", ", ".join(["config.json", "reference.npz", "results.npz",
-                                        "summary.md"] + [os.path.basename(p) for p in paths]))
+    logging.info("Staged %s", ", ".join(["reference.npz", "results.npz", "summary.md"]
+                                        + [os.path.basename(p) for p in paths]))
+    return pub.commit(extra=common.model_record(model))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -20,8 +20,7 @@ SHIPPED_TEXT = os.path.join(os.path.dirname(reference_lib.__file__), os.pardir, 
 SHIPPED_TEXT = os.path.normpath(SHIPPED_TEXT)
 
 
-class InputError(ValueError):
-    """A flag value that cannot be used; the message says what to pass instead."""
+InputError = common.InputError
 
 
 def define_flags():
@@ -47,25 +46,6 @@ def define_flags():
     flags.DEFINE_enum("figure_format", "png", ["png", "pdf", "svg"], "Figure file format.")
 
 
-def cli(main):
-    """``error: ...`` and exit status 1 for bad input (the shared wrapper of
-    ``experiments.common`` when it has one, else this minimal one)."""
-    shared = getattr(common, "cli", None)
-    if shared is not None:
-        return shared(main)
-
-    def wrapped(argv):
-        if len(argv) > 1:
-            raise SystemExit(f"error: unexpected arguments {argv[1:]}; flags are written "
-                             "--name=value.")
-        try:
-            return main(argv)
-        except (ValueError, OSError, FloatingPointError, KeyError) as e:
-            logging.debug("failed", exc_info=True)
-            raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
-    return wrapped
-
-
 def check_common_flags() -> None:
     """Every shared flag that can be checked without the model."""
     if FLAGS.layer < 0:
@@ -83,10 +63,14 @@ def check_common_flags() -> None:
                          "text file with one prompt per line.")
 
 
-def check_layer(model) -> None:
-    if FLAGS.layer >= model.config.n_layer:
+def check_layer_n(n_layer: int) -> None:
+    if FLAGS.layer >= n_layer:
         raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
-                         f"0..{model.config.n_layer - 1}.")
+                         f"0..{n_layer - 1}.")
+
+
+def check_layer(model) -> None:
+    check_layer_n(model.config.n_layer)
 
 
 def reference_from_flags(model, out_dir: str) -> reference_lib.Reference:
@@ -110,14 +94,16 @@ def reference_from_flags(model, out_dir: str) -> reference_lib.Reference:
     return ref
 
 
-def start(check_flags):
-    """Checks the flags (before loading anything), loads the model, checks the layer, prepares
-    the output directory (config.json) and the reference: ``(model, out_dir, reference)``."""
+def start(check_flags, name: str, module_name: str):
+    """Checks the flags and any run published in ``--output_dir/<name>`` (before loading
+    anything), then loads the model and checks the layer: ``(model, publication)``. Stage
+    everything into ``publication.staging()`` and publish with ``publication.commit()``."""
     check_flags()
+    common.check_layer_early(check_layer_n)
+    pub = common.open_publication(name, module_name, __name__)
     model = common.load_model_from_flags()
     check_layer(model)
-    out = common.start_run(model)
-    return model, out, reference_from_flags(model, out)
+    return model, pub
 
 
 def split_prompts(spec: str) -> List[str]:

@@ -17,9 +17,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import plateau_jax
+from experiments import common
 from experiments import perturb_common as pc
 from plateau_jax import files
 from plateau_jax.plateaus import directions as D
@@ -116,10 +117,18 @@ def axis_direction(name, model, prompts, acts, ref, key):
     return res.best[0, 0]
 
 
-@pc.cli
+@common.cli
 def main(argv):
     del argv
-    model, out, ref = pc.start(check_flags)
+    model, pub = pc.start(check_flags, "slices", __name__)
+    with pub.staging() as out:
+        published = _compute_and_write(model, pub, out)
+    logging.info("Published %s", published)
+
+
+def _compute_and_write(model, pub, out: str) -> str:
+    """Everything of one run, written into the staging directory ``out``; publishes it."""
+    ref = pc.reference_from_flags(model, out)
     ctx, tokens, prompts, acts = anchors_from_flags(model)
     labels = [model.tokenizer.decode([t]) for t in tokens]
     if FLAGS.plane == "anchors":
@@ -154,9 +163,10 @@ def main(argv):
         token_counts=np.sort(counts)[::-1])
     files.atomic_save_npz(os.path.join(out, "slices.npz"), **res)
     paths = plotting.save_all(res, out, FLAGS.figure_format)
-    logging.info("Wrote config.json, reference.npz, slices.npz, %s",
+    logging.info("Staged reference.npz, slices.npz, %s",
                  ", ".join(os.path.basename(p) for p in paths))
+    return pub.commit(extra=common.model_record(model))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

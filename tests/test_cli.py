@@ -110,9 +110,21 @@ def test_error_format_of_every_script(files, tmp_path):
             ([f"--output_dir={out}", "--package_only"], "needs --package_to"),
         ],
         "experiments.emergence": [
-            ([f"--output_dir={out}"], "give --run_dir"),
+            ([f"--output_dir={out}"], "give exactly one of --model with --revisions"),
+            ([f"--output_dir={out}", "--model=gpt2"], "--model and --revisions go together"),
             ([f"--output_dir={out}", "--run_dir=/nonexistent"], "--run_dir=/nonexistent: no such"),
             ([f"--output_dir={out}", f"--run_dir={files}"], "No checkpoints under"),
+        ],
+        "experiments.directions": [
+            ([f"--output_dir={out}", "--types=real,sideways"], "--types"),
+            ([f"--output_dir={out}", "--n_lengths=0"], "--max_length/--n_lengths"),
+            ([f"--output_dir={out}", "--layer=9"], "--layer=9 is out of range"),
+            ([f"--output_dir={out}", "--prompts_file=/nonexistent.txt"], "does not exist"),
+            ([unwritable], "cannot be written"),
+        ],
+        "experiments.slices": [
+            ([f"--output_dir={out}", "--grid=0"], "at least 1 point"),
+            ([f"--output_dir={out}", "--endings=big,in"], "needs 3 distinct"),
         ],
     }
     for module, items in cases.items():
