@@ -129,6 +129,7 @@ def test_emergence_command_over_revisions(pythia_like, tmp_path):
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PLATEAU_JAX_NO_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = out / "emergence"  # the published run
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert [(r["step"], r["revision"]) for r in summary] == [(0, "step0"), (1000, "step1000")]
     assert (out / "emergence.png").exists() and (out / "results.json").exists()
