@@ -210,15 +210,11 @@ def summary_markdown(res, summary, model_name: str) -> str:
 @common.cli
 def main(argv):
     del argv
-    model, pub = pc.start(check_flags, "directions", __name__)
-    with pub.staging() as out:
-        published = _compute_and_write(model, pub, out)
-    logging.info("Published %s", published)
+    pc.run("directions", __name__, check_flags, compute)
 
 
-def _compute_and_write(model, pub, out: str) -> str:
-    """Everything of one run, written into the staging directory ``out``; publishes it."""
-    ref = pc.reference_from_flags(model, out)
+def compute(model, ref, out: str) -> None:
+    """Everything of one run, written into the staging directory ``out``."""
     prompts, texts = base_prompts(model)
     base = np.asarray(reference_lib.collect_activations(
         model, prompts, FLAGS.layer, FLAGS.site, batch_size=FLAGS.batch_size))
@@ -252,7 +248,6 @@ def _compute_and_write(model, pub, out: str) -> str:
     print(text)
     logging.info("Staged %s", ", ".join(["reference.npz", "results.npz", "summary.md"]
                                         + [os.path.basename(p) for p in paths]))
-    return pub.commit(extra=common.model_record(model))
 
 
 if __name__ == "__main__":

@@ -94,16 +94,21 @@ def reference_from_flags(model, out_dir: str) -> reference_lib.Reference:
     return ref
 
 
-def start(check_flags, name: str, module_name: str):
-    """Checks the flags and any run published in ``--output_dir/<name>`` (before loading
-    anything), then loads the model and checks the layer: ``(model, publication)``. Stage
-    everything into ``publication.staging()`` and publish with ``publication.commit()``."""
+def run(name: str, module_name: str, check_flags, compute) -> str:
+    """A perturbation script's main: checks the flags and any run published in
+    ``--output_dir/<name>`` (before loading anything), loads the model, checks the layer, stages
+    the reference and ``compute(model, reference, staging_dir)``'s files, and publishes them
+    together. Returns the published directory."""
     check_flags()
     common.check_layer_early(check_layer_n)
     pub = common.open_publication(name, module_name, __name__)
     model = common.load_model_from_flags()
     check_layer(model)
-    return model, pub
+    with pub.staging() as out:
+        compute(model, reference_from_flags(model, out), out)
+        published = pub.commit(extra=common.model_record(model))
+    logging.info("Published %s", published)
+    return published
 
 
 def split_prompts(spec: str) -> List[str]:

@@ -120,15 +120,11 @@ def axis_direction(name, model, prompts, acts, ref, key):
 @common.cli
 def main(argv):
     del argv
-    model, pub = pc.start(check_flags, "slices", __name__)
-    with pub.staging() as out:
-        published = _compute_and_write(model, pub, out)
-    logging.info("Published %s", published)
+    pc.run("slices", __name__, check_flags, compute)
 
 
-def _compute_and_write(model, pub, out: str) -> str:
-    """Everything of one run, written into the staging directory ``out``; publishes it."""
-    ref = pc.reference_from_flags(model, out)
+def compute(model, ref, out: str) -> None:
+    """Everything of one run, written into the staging directory ``out``."""
     ctx, tokens, prompts, acts = anchors_from_flags(model)
     labels = [model.tokenizer.decode([t]) for t in tokens]
     if FLAGS.plane == "anchors":
@@ -165,7 +161,6 @@ def _compute_and_write(model, pub, out: str) -> str:
     paths = plotting.save_all(res, out, FLAGS.figure_format)
     logging.info("Staged reference.npz, slices.npz, %s",
                  ", ".join(os.path.basename(p) for p in paths))
-    return pub.commit(extra=common.model_record(model))
 
 
 if __name__ == "__main__":
