@@ -114,11 +114,10 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     jac = {}
     for i in later:
         norms = mlp_jacobian_norms(model, i, rec[site(i, mlp_in)])
-        peak = float(alpha[int(np.argmax(norms))])
+        peak = float(alpha[int(metrics.peak(norms)[0])])
         jac[i] = dict(norms=norms.tolist(), peak_alpha=peak, peak_offset=abs(peak - a_star),
                       contrast=float(norms.max() / np.median(norms)))
-    p_a = _softmax(logits[0])
-    p_b = _softmax(logits[-1])
+    p_a, p_b = np.exp(metrics.log_softmax(logits[[0, -1]]))
     return dict(label=f"{pair.context} |{pair.ending_a.strip()}->{pair.ending_b.strip()}",
                 context=pair.context, ending_a=pair.ending_a, ending_b=pair.ending_b,
                 r=r.tolist(), S=s, boundary_alpha=a_star,
@@ -128,12 +127,6 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
                 mean_peak_offset=float(np.mean([v["peak_offset"] for v in jac.values()])) if jac else None,
                 deepest_peak_offset=jac[later[-1]]["peak_offset"] if jac else None,
                 mean_contrast=float(np.mean([v["contrast"] for v in jac.values()])) if jac else None)
-
-
-def _softmax(z):
-    z = np.asarray(z, np.float64) - np.max(z)
-    e = np.exp(z)
-    return e / e.sum()
 
 
 # ----------------------------------------------------------------------------- driver

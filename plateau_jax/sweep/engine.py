@@ -5,8 +5,9 @@ Data parallel over pairs: a 1-D mesh ``("pairs",)`` over every device (all hosts
 its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
 layer: the layer is a runtime value) does, for every pair: the context's
 keys/values (right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``,
-the ``n`` interpolated vectors through layers ``L+1..``, the reductions of :mod:`.stats` and the
-bisection of :mod:`.refine`; only small curves leave the device.
+the ``n`` interpolated vectors through layers ``L+1..``, the reductions of
+:mod:`plateau_jax.plateaus.metrics` (the curves :mod:`.stats` reads) and the bisection of
+:mod:`.refine`; only small curves leave the device.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams
 from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
+from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import paths as paths_lib
-from plateau_jax.sweep import refine, stats
+from plateau_jax.sweep import refine
 
 COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
 AXIS = "pairs"
@@ -113,14 +115,15 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     mid = rec[mlp_in].astype(jnp.float32)  # [L, n, d]: the MLPs' inputs
     jac = jax.vmap(lambda bp, h, M: mlp_frobenius_gram(bp, config, h, {"M": M}))(
         params["blocks"], mid, grams)
-    r = jnp.concatenate([stats.rel_distance(Y), stats.rel_distance(logits)[None]])  # [L + 1, n]
-    dist = jnp.concatenate([stats.dist_curve(Y), stats.dist_curve(logits)[None]])
-    step = jnp.concatenate([stats.step_norms(Y), stats.step_norms(logits)[None]])
-    lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V]
-    out = dict(r=r, dist=dist, step=step, jac=jac.astype(jnp.float32),
-               hamming=stats.hamming_steps(rec["mlp.hook_pre"]), mid_step=stats.step_norms(mid),
-               kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
-               kl_next=stats.kl_logp(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
+    per_target = lambda f: jnp.concatenate([f(Y), f(logits)[None]])  # [L + 1, ...]
+    lp = metrics.log_softmax(logits)  # [n, V]
+    kl = metrics.kl_from_log_probs
+    out = dict(r=per_target(metrics.relative_distance), dist=per_target(metrics.distance_curve),
+               step=per_target(metrics.step_sizes), jac=jac.astype(jnp.float32),
+               hamming=metrics.spline_hamming(rec["mlp.hook_pre"]),
+               mid_step=metrics.step_sizes(mid), kl_a=kl(lp[:1], lp), kl_b=kl(lp[-1:], lp),
+               kl_next=kl(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
+    r = out["r"]
 
     # Extra rows: row i serves target tgt[i] (the L layers, then the logits).
     y0, y1 = Y[:, 0], Y[:, -1]
@@ -131,11 +134,11 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
         t = jnp.clip(tgt, 0, L - 1)
         sel = rc[component].astype(jnp.float32)[t, jnp.arange(m.shape[0])]  # [R, X]
         on_layer = tgt < L
-        r_m = jnp.where(on_layer, stats.rel_distance_to(sel, y0[t], y1[t]),
-                        stats.rel_distance_to(lg, logits[0], logits[-1]))
-        d_m = jnp.where(on_layer, stats.dist_to(sel, y0[t], y1[t]),
-                        stats.dist_to(lg, logits[0], logits[-1]))
-        return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
+        r_m = jnp.where(on_layer, metrics.relative_distance_to(sel, y0[t], y1[t]),
+                        metrics.relative_distance_to(lg, logits[0], logits[-1]))
+        d_m = jnp.where(on_layer, metrics.distance_to(sel, y0[t], y1[t]),
+                        metrics.distance_to(lg, logits[0], logits[-1]))
+        return r_m, d_m, metrics.log_softmax(lg)
 
     targets = jnp.arange(L + 1)
     kstar, br = refine.steepest_step(r, alpha)
@@ -147,7 +150,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
 
     br = refine.refine_boundary(eval_fn, br, spec.rounds)
     out.update(kstar=kstar.astype(jnp.int32), ref_lo=br.lo, ref_hi=br.hi, ref_r_lo=br.r_lo,
-               ref_r_hi=br.r_hi, ref_kl=stats.kl_logp(br.aux_lo, br.aux_hi))
+               ref_r_hi=br.r_hi, ref_kl=kl(br.aux_lo, br.aux_hi))
     # The fixed-width window around the refined boundary: both ends evaluated exactly.
     lo, hi = refine.window(br, spec.sharpness_width)
     r_w, d_w, _ = measure(jnp.concatenate([lo, hi]), jnp.concatenate([targets, targets]))
