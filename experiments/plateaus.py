@@ -26,6 +26,7 @@ from plateau_jax.plateaus import interpolation
 from plateau_jax.plotting import plateaus as plotting
 from plateau_jax.plateaus import prompts
 from plateau_jax.plateaus.paths import PATHS, alpha_grid
+from plateau_jax.model import sites
 from plateau_jax.model.sites import RESIDUAL_SITES
 
 FLAGS = flags.FLAGS
@@ -99,7 +100,7 @@ def parse_distances(n_layer: int, site: str) -> List[int]:
         raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
     if not dists or any(d < 1 for d in dists):
         raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
-    deepest = n_layer - interpolation.first_downstream_layer(0, site)
+    deepest = n_layer - sites.first_layer_after(0, site)
     return sorted({min(d, deepest) for d in dists if deepest >= 1})
 
 
@@ -109,7 +110,7 @@ def check_layer_flags(n_layer: int):
     if not 0 <= FLAGS.layer < n_layer:
         raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
                          f"0..{n_layer - 1}.")
-    first = interpolation.first_downstream_layer(FLAGS.layer, FLAGS.site)
+    first = sites.first_layer_after(FLAGS.layer, FLAGS.site)
     if first >= n_layer:
         raise InputError(
             f"--layer={FLAGS.layer} with --site={FLAGS.site} leaves no later layer to record, "
@@ -172,7 +173,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     res["step_resid_post"] = _pad(metrics.step_sizes(acts["resid_post"]), down, n_layer)
     res["step_logits"] = metrics.step_sizes(logits)
     res["spline_hamming"] = _pad(metrics.spline_hamming(acts["mlp_pre"]), down, n_layer)
-    mlp_in = acts[plateau_jax.model.sites.mlp_input(model.config)]  # resid_pre if parallel
+    mlp_in = acts[sites.mlp_input(model.config)]  # resid_pre if parallel
     res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], mlp_in), down, n_layer)
     # Sharpness on the relative distance r (the study's curves) and on the distance curve
     # d(alpha)/d(1) (the stable-regions work's); two different numbers, named apart.
@@ -191,9 +192,10 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     files.fault_point("compute")
     # Freezing attn_out / mlp_out in the chosen later layers.
     frozen_r_logits, frozen_r_resid = [res["r_logits"]], [res["r_resid_post"]]
-    for comp in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
+    for sublayer in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
         fr = run_at(layer, components=("resid_post",),
-                    patches=interpolation.freeze_patches(main, comp, freeze_mode, freeze_layers))
+                    patches=interpolation.freeze_patches(main, sublayer, freeze_mode,
+                                                         freeze_layers))
         frozen_r_logits.append(metrics.relative_distance(fr.logits))
         frozen_r_resid.append(_pad(metrics.relative_distance(fr.acts["resid_post"]), down, n_layer))
     res["freeze_conditions"] = np.array(FREEZE_CONDITIONS)
@@ -208,7 +210,7 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
     each_r = np.full((P, I, n), np.nan)
     dist_r = np.full((P, D, I, n), np.nan)
     for i, l in enumerate(files.progress(interp_layers, desc="interpolation layers")):
-        first = interpolation.first_downstream_layer(l, site)
+        first = sites.first_layer_after(l, site)
         rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < n_layer}
         run = main if l == layer else run_at(l, components=("resid_post",),
                                              layers=sorted(set(rec.values())))

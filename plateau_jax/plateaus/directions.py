@@ -61,6 +61,7 @@ from jax.sharding import Mesh
 
 from plateau_jax import files
 from plateau_jax.model import core
+from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus.reference import batch_rows, check_site, pad_prompts, sharded
@@ -235,9 +236,9 @@ def response(params, cfg, cache, base, directions, steps, entry) -> Dict[str, ja
     logits = logits.astype(jnp.float32).reshape(B, M, T, -1)
     lp = metrics.log_softmax(logits)
     y = rec["hook_resid_post"].astype(jnp.float32).reshape(L, B, M, T, d)
-    # Layers before the first block that runs (entry // 2) are not downstream: NaN (the
-    # resid_post just before a resid_pre entry is the input itself).
-    later = (jnp.arange(L) >= entry // 2)[:, None, None, None]
+    # Layers before the first block that runs are not downstream: NaN (the resid_post just
+    # before a resid_pre entry is the input itself).
+    later = (jnp.arange(L) >= sites_lib.first_block(entry))[:, None, None, None]
     per_layer = lambda v: jnp.moveaxis(jnp.where(later, v, jnp.nan), 0, -1)  # [B, M, T, L]
     dist, dist_end = metrics.endpoint_distances(y)
     logit_dist, logit_dist_end = metrics.endpoint_distances(logits)
@@ -481,7 +482,6 @@ def find_sensitive_directions(model: Model, prompts, base, layer: int, site: str
                          f"{learning_rate}, {length}.")
     target_layer = cfg.n_layer - 1 if target_layer is None else int(target_layer)
     if objective == "distance":
-        from plateau_jax.model import sites as sites_lib
         first = sites_lib.first_layer_after(layer, site)
         if not first <= target_layer < cfg.n_layer:
             raise ValueError(f"target layer {target_layer} is not downstream of "

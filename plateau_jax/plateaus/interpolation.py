@@ -19,13 +19,14 @@ import numpy as np
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.core import KVCache
 from plateau_jax.model.forward import continue_stacked, embed_next_token
-from plateau_jax.model.interventions import COMPONENTS
+from plateau_jax.model.interventions import check_sublayer
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import paths as paths_lib
 
-# Per-layer components recorded by default (short site names, see plateau_jax.sites); a model
-# with a parallel residual records resid_pre instead of resid_mid (:func:`default_components`).
-DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+# Per-layer components recorded by default (short names, in execution order; see
+# plateau_jax.model.sites); a model with a parallel residual records resid_pre instead of
+# resid_mid (:func:`default_components`).
+DEFAULT_COMPONENTS = sites_lib.VECTOR_COMPONENTS
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
 _FREEZABLE = ("hook_attn_out", "hook_mlp_out")
 
@@ -63,12 +64,6 @@ def default_components(config) -> Tuple[str, ...]:
     return tuple(mlp_in if c == "resid_mid" else c for c in DEFAULT_COMPONENTS)
 
 
-def component_site(layer: int, component: str) -> str:
-    """``component_site(3, "mlp_pre") == "blocks.3.mlp.hook_pre"`` (see
-    :func:`plateau_jax.model.sites.site_name`)."""
-    return sites_lib.site_name(layer, component)
-
-
 def check_alpha(alpha) -> np.ndarray:
     """A valid alpha grid: 1-D, >= 2 values, strictly increasing, from exactly 0 to exactly 1
     (the endpoints are the two prompts); uniform or not. Returns it as float64."""
@@ -81,21 +76,6 @@ def check_alpha(alpha) -> np.ndarray:
         raise ValueError("alpha grid must increase strictly from 0 (endpoint A) to 1 (endpoint B); "
                          f"got {alpha.tolist()}.")
     return alpha
-
-
-first_downstream_layer = sites_lib.first_layer_after
-
-
-def _width(component: str, config) -> int:
-    return config.d_mlp if sites_lib.local_name(component).startswith("mlp.") else config.d_model
-
-
-def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
-    """Whether ``component`` of ``layer`` (a layer at or after the entry's) runs before the entry
-    point, so cannot be recorded: the attention half of the layer entered at resid_mid."""
-    local = sites_lib.local_name(component)
-    return (layer == entry_layer and entry_site == "resid_mid"
-            and (sites_lib.HALF[local] == "attn" or local == "hook_resid_pre"))
 
 
 def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[int],
@@ -161,22 +141,21 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
         :func:`endpoint_activations`.
       alpha: ``[n]`` grid (see :func:`check_alpha`).
       path: "slerp" or "linear" (:func:`plateau_jax.paths.interpolate`).
-      site: "resid_post" (default), "resid_pre" or "resid_mid".
+      site: the entry site (a residual component): "resid_post" (default), "resid_pre" or
+        "resid_mid".
       components: per-layer components to record (short names; default
         :func:`default_components`).
       layers: downstream layers to record (default: every layer from
-        :func:`first_downstream_layer` on).
+        :func:`plateau_jax.model.sites.first_layer_after` on).
       logits: also return the logits.
       patches: ``{site: batch + (n, X)}`` per-step replacements, e.g. :func:`freeze_patches`.
       check_finite: raise :class:`NonFiniteError` naming the first step and layer with NaN/Inf.
     """
     cfg = model.config
-    sites_lib.check_layer(layer, cfg, what="interpolation layer")
-    if site not in sites_lib.RESIDUAL_SITES:
-        raise ValueError(f"interpolation site {site!r}: expected one of {sites_lib.RESIDUAL_SITES}.")
+    sites_lib.entry_index(layer, site, cfg, what="interpolation")
     alpha = check_alpha(alpha)
     components = default_components(cfg) if components is None else tuple(components)
-    first = first_downstream_layer(layer, site)
+    first = sites_lib.first_layer_after(layer, site)
     layers = tuple(range(first, cfg.n_layer)) if layers is None else tuple(int(l) for l in layers)
     bad = [l for l in layers if not first <= l < cfg.n_layer]
     if bad:
@@ -238,18 +217,16 @@ def check_run_finite(run: InterpolationRun) -> None:
         raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
                              f"{run.alpha[k]:.4g}) {where}: the path of finite endpoints "
                              f"overflowed its dtype{hint}")
-    forward_order = ("resid_pre",) + DEFAULT_COMPONENTS
-    order = [c for c in forward_order if c in run.acts] + [
-        c for c in run.acts if c not in forward_order]
+    order = sorted(run.acts, key=lambda c: sites_lib.BLOCK_SITES.index(sites_lib.local_name(c)))
     for j, layer in enumerate(run.layers):
         for c in order:
-            if _upstream(layer, c, run.layer, run.site):
+            if sites_lib.upstream_of_entry(layer, c, run.layer, run.site):
                 continue
             k = first_bad(run.acts[c][..., j, :, :])
             if k is not None:
                 raise NonFiniteError(
                     f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in layer {layer} "
-                    f"({component_site(layer, c)}) {where}{hint}")
+                    f"({sites_lib.site_name(layer, c)}) {where}{hint}")
     if run.logits is not None:
         k = first_bad(run.logits)
         if k is not None:
@@ -257,7 +234,7 @@ def check_run_finite(run: InterpolationRun) -> None:
                                  f"{where}{hint}")
 
 
-def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
+def freeze_patches(run: InterpolationRun, sublayer: str, mode: str = "mean",
                    layers: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """Patches that freeze ``attn_out`` or ``mlp_out`` at the last position, from a clean run.
 
@@ -268,29 +245,28 @@ def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
     * ``"endpoint_a"``: ``v_0`` at every step;
     * ``"linear"``: ``v_0 + alpha_k (v_{n-1} - v_0)``, the straight line between the endpoints.
 
-    ``component`` is "attn" or "mlp" (``run`` must have recorded ``{component}_out``).
+    ``sublayer`` is "attn" or "mlp" (``run`` must have recorded ``{sublayer}_out``).
     Returns ``{site: batch + (n, d)}`` for :func:`interpolation_run`'s ``patches``.
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"freeze component {component!r}: expected one of {COMPONENTS}.")
+    check_sublayer(sublayer)
     if mode not in FREEZE_MODES:
         raise ValueError(f"Unknown freeze mode {mode!r}; choose one of {FREEZE_MODES}.")
-    key = f"{component}_out"
+    key = f"{sublayer}_out"
     if key not in run.acts:
-        raise ValueError(f"freezing {component!r} needs a run that recorded {key!r} "
+        raise ValueError(f"freezing {sublayer!r} needs a run that recorded {key!r} "
                          "(components 'attn_out' and 'mlp_out' are recorded by default).")
     layers = run.layers if layers is None else tuple(int(l) for l in layers)
     alpha = np.asarray(run.alpha, run.acts[key].dtype)[:, None]
     values = {}
     for l in layers:
-        if _upstream(l, key, run.layer, run.site):
-            continue  # entering at resid_mid skips that layer's attention
         v = run.act(key, l)  # batch + (n, d)
+        if sites_lib.upstream_of_entry(l, key, run.layer, run.site):
+            continue  # entering at resid_mid skips that layer's attention
         if mode == "mean":
             f = np.mean(v, axis=-2, keepdims=True)
         elif mode == "endpoint_a":
             f = v[..., :1, :]
         else:
             f = v[..., :1, :] + alpha * (v[..., -1:, :] - v[..., :1, :])
-        values[component_site(l, key)] = np.broadcast_to(f, v.shape)
+        values[sites_lib.site_name(l, key)] = np.broadcast_to(f, v.shape)
     return values

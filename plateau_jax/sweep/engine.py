@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,6 @@ from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import paths as paths_lib
 from plateau_jax.sweep import refine
 
-COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
 AXIS = "pairs"
 
 
@@ -51,8 +50,9 @@ class SweepSpec:
     sharpness_width: float = 0.02
 
     def __post_init__(self):
-        if self.component not in COMPONENTS:
-            raise ValueError(f"component {self.component!r}: expected one of {COMPONENTS}.")
+        if self.component not in sites_lib.VECTOR_COMPONENTS:
+            raise ValueError(f"component {self.component!r}: expected one of "
+                             f"{sites_lib.VECTOR_COMPONENTS}.")
         if self.path not in paths_lib.PATHS:
             raise ValueError(f"path {self.path!r}: expected one of {paths_lib.PATHS}.")
         paths_lib.alpha_grid(self.n_steps)
@@ -157,7 +157,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     T = L + 1
     out.update(win_lo=lo, win_hi=hi, win_r_lo=r_w[:T], win_r_hi=r_w[T:], win_d_lo=d_w[:T],
                win_d_hi=d_w[T:])
-    downstream = jnp.arange(L + 1) > layer  # targets: layers, then the logits
+    downstream = jnp.arange(L + 1) >= sites_lib.first_block(entry)  # layers, then the logits
     rows = {k: downstream for k in ("r", "dist", "step", "ref_lo", "ref_hi", "ref_kl", "win_lo",
                                     "win_hi")}
     rows.update({"jac": downstream[:L], "hamming": downstream[:L], "mid_step": downstream[:L]})
