@@ -11,14 +11,17 @@ Shapes: ``batch`` is the leading shape of the endpoints ``a``/``b`` (``[d]`` giv
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.core import KVCache
-from plateau_jax.model.forward import continue_stacked, embed_next_token
+from plateau_jax.model.forward import as_ids, continue_stacked
 from plateau_jax.model.interventions import check_sublayer
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import paths as paths_lib
@@ -78,23 +81,72 @@ def check_alpha(alpha) -> np.ndarray:
     return alpha
 
 
+# ----------------------------------------------------------------------------- endpoints
+
+def residual_stream(params, cfg, cache: KVCache, tokens):
+    """The residual stream of tokens ``[B, M]`` placed right after each cached context, at every
+    entry point: ``[2 L + 1, B, M, d]``, row ``e`` the value at half-block index ``e``
+    (:func:`plateau_jax.model.sites.entry_index`): row 0 is ``blocks.0.hook_resid_pre``, row
+    ``2 l + 1`` ``blocks.l.hook_resid_mid`` (NaN with a parallel residual, which has none) and row
+    ``2 l + 2`` ``blocks.l.hook_resid_post`` (= ``blocks.l+1.hook_resid_pre``). Pure: composes
+    with ``jit`` and ``vmap``."""
+    L = cfg.n_layer
+    x0 = core.embed_next(params, cfg, cache, tokens)
+    record = {"hook_resid_post": range(L)}
+    if cfg.has_resid_mid:
+        record["hook_resid_mid"] = range(L)
+    _, rec = core.continue_from(params, cfg, cache, x0, 0, core.record_layers(record, L))
+    post = rec["hook_resid_post"]
+    mid = rec["hook_resid_mid"] if cfg.has_resid_mid else jnp.full_like(post, jnp.nan)
+    halves = jnp.stack([mid, post], axis=1).reshape((2 * L,) + post.shape[1:])
+    return jnp.concatenate([x0[None].astype(post.dtype), halves])
+
+
+def endpoints(params, cfg, cache: KVCache, tokens, entry):
+    """The value of the entry site(s) ``entry`` (half-block indices, a runtime int32 scalar or
+    array ``[K]``) for tokens ``[B, M]`` after each cached context: ``entry.shape + [B, M, d]``.
+    These are the interpolation endpoints (alpha = 0 and 1) of prompts that share a context.
+    Traceable; :func:`endpoint_activations` is the host API."""
+    return jnp.take(residual_stream(params, cfg, cache, tokens), entry, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
+def _endpoints_jit(params, cache, tokens, entries, cfg, precision):
+    with jax.default_matmul_precision(precision):
+        return endpoints(params, cfg, cache, tokens, entries)
+
+
 def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[int],
                          site: str = "resid_post") -> np.ndarray:
-    """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token, in one call.
+    """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token and each
+    layer ``l``, in one call (:func:`endpoints`).
 
     Args:
-      cache: the context's cache (one context).
-      tokens: int ids ``[M]`` of endings.
+      cache: the context's cache: one context (then ``tokens`` is ``[M]``) or ``B`` contexts
+        (``tokens`` ``[B, M]``).
+      tokens: int ids of endings.
       layers: layers to record.
+      site: the entry site (a residual component: resid_pre, resid_mid or resid_post).
 
     Returns:
-      ``[len(layers), M, d]`` (residual units).
+      ``[len(layers), M, d]`` (``[len(layers), B, M, d]`` for ``[B, M]`` tokens), residual units.
     """
-    layers = [sites_lib.check_layer(int(l), model.config) for l in layers]
-    x0 = embed_next_token(model, cache, np.asarray(tokens, np.int32))
-    _, rec = continue_stacked(model, cache, x0, 0, "resid_pre", record={site: layers})
-    return np.asarray(rec[site])[:, 0]
+    cfg = model.config
+    entries = [sites_lib.entry_index(sites_lib.check_layer(int(l), cfg), site, cfg)
+               for l in layers]
+    ids = np.asarray(tokens)
+    squeeze = ids.ndim == 1
+    if ids.ndim not in (1, 2) or not ids.size or (
+            cache.batch != 1 if squeeze else ids.shape[0] != cache.batch):
+        raise ValueError(f"tokens must have shape [M] for a cache of one context or [B, M] for "
+                         f"a cache of B contexts; got {ids.shape} for a cache of {cache.batch}.")
+    ids, _ = as_ids(ids.reshape(cache.batch, -1), cfg)  # range and type checks
+    out = np.asarray(_endpoints_jit(model.params, cache, ids, np.asarray(entries, np.int32), cfg,
+                                    model.matmul_precision))
+    return out[:, 0] if squeeze else out
 
+
+# ----------------------------------------------------------------------------- runs
 
 @dataclasses.dataclass(frozen=True)
 class InterpolationRun:

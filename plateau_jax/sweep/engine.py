@@ -3,11 +3,11 @@
 Data parallel over pairs: a 1-D mesh ``("pairs",)`` over every device (all hosts' under
 ``jax.distributed``), params and Gram matrices replicated, each device running the same program on
 its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
-layer: the layer is a runtime value) does, for every pair: the context's
-keys/values (right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``,
-the ``n`` interpolated vectors through layers ``L+1..``, the reductions of
-:mod:`plateau_jax.plateaus.metrics` (the curves :mod:`.stats` reads) and the bisection of
-:mod:`.refine`; only small curves leave the device.
+layer: the layer is a runtime value) does, for every pair: the context's keys/values
+(right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``
+(:func:`plateau_jax.plateaus.interpolation.endpoints`), the ``n`` interpolated vectors through
+layers ``L+1..``, the reductions of :mod:`plateau_jax.plateaus.metrics` (the curves
+:mod:`.stats` reads) and the bisection of :mod:`.refine`; only small curves leave the device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams
 from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
-from plateau_jax.plateaus import metrics
+from plateau_jax.plateaus import interpolation, metrics
 from plateau_jax.plateaus import paths as paths_lib
 from plateau_jax.sweep import refine
 
@@ -91,14 +91,11 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     dtype = params["embed"]["W_E"].dtype
     alpha = spec.alpha
     L = config.n_layer
-    layer = entry // 2 - 1  # interpolation at blocks.{layer}.hook_resid_post
     every = range(L)
     component = sites_lib.local_name(spec.component)
-    # Endpoints: context + token A / B, up to blocks.L.hook_resid_post, one call for both.
-    x0 = core.embed_next(params, config, prefix, jnp.stack([tok_a, tok_b])[None])
-    iv = core.record_layers({"hook_resid_post": every}, L)
-    _, rec = core.continue_from(params, config, prefix, x0, 0, iv)
-    ends = jax.lax.dynamic_index_in_dim(rec["hook_resid_post"], layer, 0, keepdims=False)[0]
+    # Endpoints: context + token A / B at the entry site (blocks.L.hook_resid_post), one call.
+    ends = interpolation.endpoints(params, config, prefix, jnp.stack([tok_a, tok_b])[None],
+                                   entry)[0]
     a, b = ends[0].astype(jnp.float32), ends[1].astype(jnp.float32)
     mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))  # resid_pre if parallel
     curves_iv = core.record_layers({component: every, "mlp.hook_pre": every, mlp_in: every}, L)
