@@ -225,12 +225,10 @@ def main(argv):
 
     pub = common.open_publication("jacobians", __name__)
     model, pairs, _ = common.load_model_and_prompts(pub, pair_specs, check_model)
-    cfg = model.config
     with pub.staging() as stage:
         prefix, ends = pair_endpoints(model, pairs)
         grams = None
-        if (opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats
-                and len(pairs) > 1):
+        if opts.gram_fro("mlp") and len(pairs) > 1:
             t = time.perf_counter()
             grams = jacobians.mlp_grams_for(model)
             logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),
