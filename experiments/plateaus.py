@@ -107,9 +107,7 @@ def parse_distances(n_layer: int, site: str) -> List[int]:
 def check_layer_flags(n_layer: int):
     """--layer, --interp_layers, --freeze_layers, --distances against a model of ``n_layer``
     layers; returns (interp_layers, freeze_layers, distances)."""
-    if not 0 <= FLAGS.layer < n_layer:
-        raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
-                         f"0..{n_layer - 1}.")
+    common.check_layer_flag(n_layer)
     first = sites.first_layer_after(FLAGS.layer, FLAGS.site)
     if first >= n_layer:
         raise InputError(
