@@ -48,6 +48,10 @@ flags.DEFINE_float("tol", 1e-3, "Boundary refinement tolerance on alpha (0: no r
 flags.DEFINE_float("sharpness_width", 0.02,
                    "Alpha-width w of the refined sharpness S_ref: the slope of r (and d) over the "
                    "window of width w centred on the refined boundary (>= 2 tol).")
+flags.DEFINE_enum("refine", "logits", ["logits", "all"],
+                  "Targets whose boundary is refined and whose S_ref is measured: the logits (a "
+                  "handful of extra rows per pair), or every layer too (several times the cost "
+                  "of the curves themselves).")
 flags.DEFINE_integer("batch_size", 64, "Pairs per batch (= per shard file); padded to a multiple "
                      "of the device count.")
 flags.DEFINE_float("plateau_tol", 0.05, "Plateau: r within this of an endpoint.")
@@ -97,7 +101,7 @@ def check_flags():
     try:
         spec = SweepSpec(layers=layers, n_steps=FLAGS.n_steps, path=FLAGS.path,
                          component=FLAGS.component, tol=FLAGS.tol,
-                         sharpness_width=FLAGS.sharpness_width)
+                         sharpness_width=FLAGS.sharpness_width, refine=FLAGS.refine)
     except ValueError as e:
         raise InputError(f"sweep settings (--layers, --n_steps, --tol, --sharpness_width): {e}") from None
     n_layer = common.peek_n_layer(FLAGS.model)
