@@ -59,7 +59,14 @@ flags.DEFINE_float("plateau_width", 0.5, "A pair has a plateau when the widths s
 flags.DEFINE_integer("max_pairs", None, "Use only the first N valid pairs.")
 flags.DEFINE_bool("report_only", False, "Only (re)write the report of --output_dir.")
 flags.DEFINE_bool("report", True, "Write the report when the sweep is complete.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("distributed", False,
+                  "Multi-host: call jax.distributed.initialize() first; every process runs the same "
+                  "command (see docs/sweeps.md).")
+flags.DEFINE_string("coordinator_address", None,
+                    "--distributed: host:port of process 0 (default: detected from the cluster "
+                    "environment, e.g. SLURM or a TPU pod).")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes (default: detected).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index (default: detected).")
 
 
 InputError = common.InputError
@@ -215,7 +222,9 @@ def main(argv):
     out = files.prepare_output_dir(FLAGS.output_dir)
     if FLAGS.distributed:  # before any other JAX call
         import jax
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
     from plateau_jax.sweep import inputs
 
     model = common.load_model_from_flags()
