@@ -31,7 +31,7 @@ from plateau_jax.plateaus import paths as paths_lib
 # resid_mid (:func:`default_components`).
 DEFAULT_COMPONENTS = sites_lib.VECTOR_COMPONENTS
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
-_FREEZABLE = ("hook_attn_out", "hook_mlp_out")
+_FREEZABLE = tuple(sites_lib.local_name(f"{s}_out") for s in sites_lib.SUBLAYERS)
 
 
 class NonFiniteError(FloatingPointError):
