@@ -48,6 +48,10 @@ flags.DEFINE_float("tol", 1e-3, "Boundary refinement tolerance on alpha (0: no r
 flags.DEFINE_float("sharpness_width", 0.02,
                    "Alpha-width w of the refined sharpness S_ref: the slope of r (and d) over the "
                    "window of width w centred on the refined boundary (>= 2 tol).")
+flags.DEFINE_enum("refine", "logits", ["logits", "all"],
+                  "Targets whose boundary is refined and whose S_ref is measured: the logits (a "
+                  "handful of extra rows per pair), or every layer too (several times the cost "
+                  "of the curves themselves).")
 flags.DEFINE_integer("batch_size", 64, "Pairs per batch (= per shard file); padded to a multiple "
                      "of the device count.")
 flags.DEFINE_float("plateau_tol", 0.05, "Plateau: r within this of an endpoint.")
@@ -55,7 +59,14 @@ flags.DEFINE_float("plateau_width", 0.5, "A pair has a plateau when the widths s
 flags.DEFINE_integer("max_pairs", None, "Use only the first N valid pairs.")
 flags.DEFINE_bool("report_only", False, "Only (re)write the report of --output_dir.")
 flags.DEFINE_bool("report", True, "Write the report when the sweep is complete.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("distributed", False,
+                  "Multi-host: call jax.distributed.initialize() first; every process runs the same "
+                  "command (see docs/sweeps.md).")
+flags.DEFINE_string("coordinator_address", None,
+                    "--distributed: host:port of process 0 (default: detected from the cluster "
+                    "environment, e.g. SLURM or a TPU pod).")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes (default: detected).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index (default: detected).")
 
 
 InputError = common.InputError
@@ -97,7 +108,7 @@ def check_flags():
     try:
         spec = SweepSpec(layers=layers, n_steps=FLAGS.n_steps, path=FLAGS.path,
                          component=FLAGS.component, tol=FLAGS.tol,
-                         sharpness_width=FLAGS.sharpness_width)
+                         sharpness_width=FLAGS.sharpness_width, refine=FLAGS.refine)
     except ValueError as e:
         raise InputError(f"sweep settings (--layers, --n_steps, --tol, --sharpness_width): {e}") from None
     n_layer = common.peek_n_layer(FLAGS.model)
@@ -211,7 +222,9 @@ def main(argv):
     out = files.prepare_output_dir(FLAGS.output_dir)
     if FLAGS.distributed:  # before any other JAX call
         import jax
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
     from plateau_jax.sweep import inputs
 
     model = common.load_model_from_flags()

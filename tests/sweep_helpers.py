@@ -13,7 +13,7 @@ import numpy as np
 from plateau_jax.sweep import SweepSpec
 
 SPEC = SweepSpec(layers=(0,), n_steps=8, path="slerp", component="resid_post", tol=1e-2,
-                 sharpness_width=0.05)
+                 sharpness_width=0.05, refine="all")
 BATCH = 4  # pairs per batch in every in-process test: one compiled program for all of them
 CONTEXTS = ["The house was", "The cat sat on the", "It is", "The sky is blue . The man was"]
 ENDINGS = [(" big", " in"), (" big", " large"), (" red", " small"), (" happy", " tall")]

@@ -159,3 +159,22 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
     w = out["win_hi"].astype(np.float64) - out["win_lo"]
     np.testing.assert_allclose(st["S_r_ref"], (out["win_r_hi"] - out["win_r_lo"].astype(np.float64)) / w)
     np.testing.assert_allclose(st["S_d_ref"], (out["win_d_hi"] - out["win_d_lo"].astype(np.float64)) / w)
+
+
+def test_refining_the_logits_only_gives_the_same_logits_values(tiny_model, engine_out):
+    """refine="logits" (the default) refines the logits target alone, to the same values as
+    refine="all" gives it; every layer target's refined values are NaN."""
+    import dataclasses
+
+    from plateau_jax.sweep import SweepEngine, make_mesh
+
+    pairs, full = engine_out
+    _, ids, lengths, ta, tb = batch(tiny_model, 2)
+    spec = dataclasses.replace(SPEC, refine="logits")
+    out = SweepEngine(tiny_model, spec, mesh=make_mesh(jax.devices()[:1])).run(
+        0, ids, lengths, ta, tb, pad_to=BATCH)
+    for key in ("ref_lo", "ref_hi", "ref_r_lo", "ref_r_hi", "ref_kl", "win_lo", "win_hi",
+                "win_r_lo", "win_r_hi", "win_d_lo", "win_d_hi"):
+        np.testing.assert_allclose(out[key][:, -1], full[key][:, -1], rtol=1e-6, atol=1e-7)
+        assert np.isnan(out[key][:, :-1]).all(), key
+    np.testing.assert_array_equal(out["r"], full["r"])

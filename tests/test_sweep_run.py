@@ -41,6 +41,7 @@ def _cmd(model_dir, pairs_path, out):
     return [sys.executable, "-m", "experiments.sweep", f"--model={model_dir}",
             f"--pairs_file={pairs_path}", "--layers=0", f"--n_steps={SPEC.n_steps}",
             f"--tol={SPEC.tol}", f"--sharpness_width={SPEC.sharpness_width}",
+            f"--refine={SPEC.refine}",
             f"--batch_size={BATCH}", f"--output_dir={out}"]
 
 

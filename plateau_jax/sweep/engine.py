@@ -29,6 +29,7 @@ from plateau_jax.sweep import refine, stats
 
 COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
 AXIS = "pairs"
+REFINE_TARGETS = ("logits", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,10 @@ class SweepSpec:
     layers: interpolation layers L (``blocks.L.hook_resid_post``); n_steps: alpha grid
     ``linspace(0, 1, n_steps)``; path: "slerp" or "linear"; component: per-layer vector whose
     relative distance is measured; tol: refinement tolerance on alpha (0 = off);
-    sharpness_width: the alpha-width w of the refined sharpness (:mod:`.stats`), >= 2 tol.
+    sharpness_width: the alpha-width w of the refined sharpness (:mod:`.stats`), >= 2 tol;
+    refine: which targets get the refined boundary and sharpness: "logits" (default: a handful
+    of extra rows per pair) or "all" (every layer too: ``(rounds + 2) (n_layer + 1)`` extra rows
+    per pair, several times the ``n_steps`` rows of the curves themselves; docs/sweeps.md).
     """
 
     layers: Tuple[int, ...] = (0,)
@@ -47,10 +51,13 @@ class SweepSpec:
     component: str = "resid_post"
     tol: float = 1e-3
     sharpness_width: float = 0.02
+    refine: str = "logits"
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
             raise ValueError(f"component {self.component!r}: expected one of {COMPONENTS}.")
+        if self.refine not in REFINE_TARGETS:
+            raise ValueError(f"refine {self.refine!r}: expected one of {REFINE_TARGETS}.")
         if self.path not in paths_lib.PATHS:
             raise ValueError(f"path {self.path!r}: expected one of {paths_lib.PATHS}.")
         paths_lib.alpha_grid(self.n_steps)
@@ -137,26 +144,32 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
                         stats.dist_to(lg, logits[0], logits[-1]))
         return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
 
-    targets = jnp.arange(L + 1)
-    kstar, br = refine.steepest_step(r, alpha)
-    br = br._replace(aux_lo=lp[kstar], aux_hi=lp[kstar + 1])
+    # Refined targets: the logits (row L), or every layer too (spec.refine).
+    targets = jnp.arange(L + 1) if spec.refine == "all" else jnp.array([L])
+    kstar, grid = refine.steepest_step(r, alpha)
+    br = refine.Bracket(grid.lo[targets], grid.hi[targets], grid.r_lo[targets],
+                        grid.r_hi[targets], lp[kstar[targets]], lp[kstar[targets] + 1])
 
-    def eval_fn(m):  # one extra row per target per round
+    def eval_fn(m):  # one extra row per refined target per round
         r_m, _, lp_m = measure(m, targets)
         return r_m, lp_m
 
     br = refine.refine_boundary(eval_fn, br, spec.rounds)
-    out.update(kstar=kstar.astype(jnp.int32), ref_lo=br.lo, ref_hi=br.hi, ref_r_lo=br.r_lo,
-               ref_r_hi=br.r_hi, ref_kl=stats.kl_logp(br.aux_lo, br.aux_hi))
     # The fixed-width window around the refined boundary: both ends evaluated exactly.
     lo, hi = refine.window(br, spec.sharpness_width)
     r_w, d_w, _ = measure(jnp.concatenate([lo, hi]), jnp.concatenate([targets, targets]))
-    T = L + 1
-    out.update(win_lo=lo, win_hi=hi, win_r_lo=r_w[:T], win_r_hi=r_w[T:], win_d_lo=d_w[:T],
-               win_d_hi=d_w[T:])
+    T = targets.shape[0]
+    full = lambda v: jnp.full((L + 1,), jnp.nan, v.dtype).at[targets].set(v)
+    out.update(kstar=kstar.astype(jnp.int32), ref_lo=full(br.lo), ref_hi=full(br.hi),
+               ref_r_lo=full(br.r_lo), ref_r_hi=full(br.r_hi),
+               ref_kl=full(stats.kl_logp(br.aux_lo, br.aux_hi)), win_lo=full(lo),
+               win_hi=full(hi), win_r_lo=full(r_w[:T]), win_r_hi=full(r_w[T:]),
+               win_d_lo=full(d_w[:T]), win_d_hi=full(d_w[T:]))
+    refined = jnp.zeros(L + 1, bool).at[targets].set(True)
     downstream = jnp.arange(L + 1) > layer  # targets: layers, then the logits
-    rows = {k: downstream for k in ("r", "dist", "step", "ref_lo", "ref_hi", "ref_kl", "win_lo",
-                                    "win_hi")}
+    rows = {k: downstream for k in ("r", "dist", "step")}
+    rows.update({k: downstream & refined for k in ("ref_lo", "ref_hi", "ref_kl", "win_lo",
+                                                   "win_hi")})
     rows.update({"jac": downstream[:L], "hamming": downstream[:L], "mid_step": downstream[:L]})
     # r and d may be NaN where a target does not move; those are not failures.
     nan_ok = ("r", "dist", "kstar", "ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo",
@@ -166,7 +179,7 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     out["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]
                                       + [jnp.all(jnp.isfinite(logits))]))
     for k in ("ref_r_lo", "ref_r_hi", "win_r_lo", "win_r_hi", "win_d_lo", "win_d_hi"):
-        rows[k] = downstream
+        rows[k] = downstream & refined
     for k, keep in rows.items():  # targets not downstream of the interpolation: NaN
         out[k] = jnp.where(keep.reshape(keep.shape + (1,) * (out[k].ndim - 1)), out[k], jnp.nan)
     return out
