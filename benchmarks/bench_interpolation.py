@@ -55,7 +55,7 @@ def jax_full_forward(model, ctx, tokens, alpha):
     import numpy as np
 
     import plateau_jax as pj
-    from plateau_jax.plateaus import interpolation, paths
+    from plateau_jax.plateaus import paths
 
     cfg, P = model.config, tokens.shape[0]
     ids = np.concatenate([np.repeat(ctx[None], 2 * P, 0), tokens.reshape(-1, 1)], 1)
@@ -65,7 +65,7 @@ def jax_full_forward(model, ctx, tokens, alpha):
     for layer in range(cfg.n_layer - 1):
         ends = np.asarray(rec[resid[layer]])[:, -1].reshape(P, 2, -1)
         x = paths.interpolate(ends[:, 0], ends[:, 1], alpha).reshape(P * alpha.size, -1)
-        names = [interpolation.component_site(l, c) for l in range(layer + 1, cfg.n_layer)
+        names = [pj.site_name(l, c) for l in range(layer + 1, cfg.n_layer)
                  for c in RECORDED]
         batch_ids = np.repeat(ids[::2], alpha.size, 0)  # context + token A; the last is patched
         logits, acts = pj.forward(model, batch_ids, sites=names, patches={resid[layer]: x})

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -244,6 +243,13 @@ def peek_n_layer(model: str) -> Optional[int]:
     if directory is None:
         return None
     return loading.read_config(directory).n_layer
+
+
+def check_layer_flag(n_layer: int) -> None:
+    """--layer must be a layer of a model with ``n_layer`` layers."""
+    if not 0 <= FLAGS.layer < n_layer:
+        raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
+                         f"0..{n_layer - 1}.")
 
 
 def check_layer_early(check: Callable[[int], object]) -> None:

@@ -94,18 +94,16 @@ def mlp_jacobian_norms(model, layer: int, resid_mid) -> np.ndarray:
 def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     """Every number of the study for one prompt pair on one checkpoint (see module doc)."""
     import plateau_jax
-    from plateau_jax.plateaus import paths
-    from plateau_jax.model.sites import mlp_input, site_name as site
+    from plateau_jax.plateaus import interpolation, paths
+    from plateau_jax.model.sites import first_layer_after, mlp_input, site_name as site
 
     cfg = model.config
     mlp_in = mlp_input(cfg)  # resid_mid, or resid_pre with a parallel residual
-    ids = np.stack([np.append(pair.context_ids, pair.token_a),
-                    np.append(pair.context_ids, pair.token_b)]).astype(np.int32)
-    _, rec = plateau_jax.forward(model, ids, sites=[site(layer, "resid_post")])
-    ab = np.asarray(rec[site(layer, "resid_post")][:, -1])
-    xs = paths.interpolate_host(ab[0], ab[1], alpha, path, dtype=model.dtype)  # float64, cast
     prefix = plateau_jax.run_prefix(model, pair.context_ids)
-    later = list(range(layer + 1, cfg.n_layer))
+    ab = interpolation.endpoint_activations(model, prefix, [pair.token_a, pair.token_b],
+                                            [layer])[0]
+    xs = paths.interpolate_host(ab[0], ab[1], alpha, path, dtype=model.dtype)  # float64, cast
+    later = list(range(first_layer_after(layer, "resid_post"), cfg.n_layer))
     logits, rec = plateau_jax.continue_from(model, prefix, xs, layer=layer,
                                             sites=[site(i, mlp_in) for i in later])
     logits = np.asarray(logits)
@@ -115,11 +113,10 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
     jac = {}
     for i in later:
         norms = mlp_jacobian_norms(model, i, rec[site(i, mlp_in)])
-        peak = float(alpha[int(np.argmax(norms))])
+        peak = float(alpha[int(metrics.peak(norms)[0])])
         jac[i] = dict(norms=norms.tolist(), peak_alpha=peak, peak_offset=abs(peak - a_star),
                       contrast=float(norms.max() / np.median(norms)))
-    p_a = _softmax(logits[0])
-    p_b = _softmax(logits[-1])
+    p_a, p_b = np.exp(metrics.log_softmax(logits[[0, -1]]))
     return dict(label=f"{pair.context} |{pair.ending_a.strip()}->{pair.ending_b.strip()}",
                 context=pair.context, ending_a=pair.ending_a, ending_b=pair.ending_b,
                 r=r.tolist(), S=s, boundary_alpha=a_star,
@@ -129,12 +126,6 @@ def analyse_pair(model, pair, layer: int, alpha, path: str) -> dict:
                 mean_peak_offset=float(np.mean([v["peak_offset"] for v in jac.values()])) if jac else None,
                 deepest_peak_offset=jac[later[-1]]["peak_offset"] if jac else None,
                 mean_contrast=float(np.mean([v["contrast"] for v in jac.values()])) if jac else None)
-
-
-def _softmax(z):
-    z = np.asarray(z, np.float64) - np.max(z)
-    e = np.exp(z)
-    return e / e.sum()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -265,11 +256,12 @@ def main(argv):
                                 f"{'n_layer-2' if n_layer is None else n_layer - 2}.")
     heldout = {}
     if FLAGS.run_dir and os.path.exists(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
-        for line in open(os.path.join(FLAGS.run_dir, "metrics.jsonl")):
-            rec = json.loads(line)
-            for k in ("heldout_loss", "heldout_loss_quick"):
-                if k in rec:
-                    heldout[rec["step"]] = rec[k]
+        with open(os.path.join(FLAGS.run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                for k in ("heldout_loss", "heldout_loss_quick"):
+                    if k in rec:
+                        heldout[rec["step"]] = rec[k]
     from plateau_jax import files
 
     config = {f: getattr(FLAGS, f) for f in ("model", "revisions", "cache_dir", "run_dir",

@@ -30,6 +30,7 @@ import plateau_jax as pj
 from experiments import common
 from plateau_jax import files
 from plateau_jax.jacobians import sweep as jacobians
+from plateau_jax.model import sites
 from plateau_jax.plateaus import interpolation
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import paths
@@ -77,7 +78,7 @@ def pair_endpoints(model, pairs):
                                               FLAGS.site)
     ends = np.asarray(ends[0], np.float32).reshape(len(pairs), 2, -1)
     interpolation.check_endpoints_finite(ends[:, 0], ends[:, 1],
-                                         pj.site(FLAGS.layer, FLAGS.site), model.dtype)
+                                         sites.site_name(FLAGS.layer, FLAGS.site), model.dtype)
     return prefix, ends
 
 
@@ -95,7 +96,7 @@ def run_pair(model, prefix, a, b, opts: jacobians.SweepOptions, grams=None):
     secs = time.perf_counter() - t
     res = dict(alpha=alpha, layers=layers, x=np.asarray(x, np.float32), **out)
     if FLAGS.overlay:
-        rsites = [pj.site(l, "resid_post") for l in layers]
+        rsites = [sites.site_name(l, "resid_post") for l in layers]
         logits, rec = pj.continue_from(model, prefix, x, FLAGS.layer, site=FLAGS.site, sites=rsites)
         res["r_logits"] = metrics.relative_distance(np.asarray(logits, np.float64))
         res["r_resid_post"] = metrics.relative_distance(np.stack([np.asarray(rec[s]) for s in rsites]))
@@ -104,7 +105,7 @@ def run_pair(model, prefix, a, b, opts: jacobians.SweepOptions, grams=None):
 
 def check_layer(n_layer: int) -> None:
     """--layer must leave at least one later layer (the rows of every Jacobian family)."""
-    last = n_layer - 2 if FLAGS.site == "resid_post" else n_layer - 1
+    last = n_layer - 1 - sites.first_layer_after(0, FLAGS.site)  # the last layer with a later one
     if not 0 <= FLAGS.layer <= last:
         raise InputError(
             f"--layer={FLAGS.layer} with --site={FLAGS.site}: this model has layers "
@@ -146,12 +147,10 @@ def main(argv):
 
     pub = common.open_publication("jacobians", __name__)
     model, pairs, _ = common.load_model_and_prompts(pub, pair_specs, check_model)
-    cfg = model.config
     with pub.staging() as stage:
         prefix, ends = pair_endpoints(model, pairs)
         grams = None
-        if (opts.mlp_method == "gram" and "mlp" in opts.families and "fro" in opts.stats
-                and len(pairs) > 1):
+        if opts.gram_fro("mlp") and len(pairs) > 1:
             t = time.perf_counter()
             grams = jacobians.mlp_grams_for(model)
             logging.info("MLP Gram matrices (shared by %d pairs): %.2fs", len(pairs),

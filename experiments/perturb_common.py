@@ -63,14 +63,6 @@ def check_common_flags() -> None:
                          "text file with one prompt per line.")
 
 
-def check_layer_n(n_layer: int) -> None:
-    if FLAGS.layer >= n_layer:
-        raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
-                         f"0..{n_layer - 1}.")
-
-
-def check_layer(model) -> None:
-    check_layer_n(model.config.n_layer)
 
 
 def reference_from_flags(model, out_dir: str) -> reference_lib.Reference:
@@ -100,10 +92,10 @@ def run(name: str, module_name: str, check_flags, compute) -> str:
     the reference and ``compute(model, reference, staging_dir)``'s files, and publishes them
     together. Returns the published directory."""
     check_flags()
-    common.check_layer_early(check_layer_n)
+    common.check_layer_early(common.check_layer_flag)
     pub = common.open_publication(name, module_name, __name__)
     model = common.load_model_from_flags()
-    check_layer(model)
+    common.check_layer_flag(model.config.n_layer)
     with pub.staging() as out:
         compute(model, reference_from_flags(model, out), out)
         published = pub.commit(extra=common.model_record(model))

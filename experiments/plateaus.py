@@ -26,6 +26,7 @@ from plateau_jax.plateaus import interpolation
 from plateau_jax.plotting import plateaus as plotting
 from plateau_jax.plateaus import prompts
 from plateau_jax.plateaus.paths import PATHS, alpha_grid
+from plateau_jax.model import sites
 from plateau_jax.model.sites import RESIDUAL_SITES
 
 FLAGS = flags.FLAGS
@@ -99,17 +100,15 @@ def parse_distances(n_layer: int, site: str) -> List[int]:
         raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
     if not dists or any(d < 1 for d in dists):
         raise InputError(f"--distances={','.join(FLAGS.distances)}: expected positive integers.")
-    deepest = n_layer - interpolation.first_downstream_layer(0, site)
+    deepest = n_layer - sites.first_layer_after(0, site)
     return sorted({min(d, deepest) for d in dists if deepest >= 1})
 
 
 def check_layer_flags(n_layer: int):
     """--layer, --interp_layers, --freeze_layers, --distances against a model of ``n_layer``
     layers; returns (interp_layers, freeze_layers, distances)."""
-    if not 0 <= FLAGS.layer < n_layer:
-        raise InputError(f"--layer={FLAGS.layer} is out of range: this model has layers "
-                         f"0..{n_layer - 1}.")
-    first = interpolation.first_downstream_layer(FLAGS.layer, FLAGS.site)
+    common.check_layer_flag(n_layer)
+    first = sites.first_layer_after(FLAGS.layer, FLAGS.site)
     if first >= n_layer:
         raise InputError(
             f"--layer={FLAGS.layer} with --site={FLAGS.site} leaves no later layer to record, "
@@ -134,49 +133,53 @@ def _pad(arr, layers: Sequence[int], n_layer: int, axis: int = 1):
     return out
 
 
-def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray, *,
-              layer: int, interp_layers: Sequence[int], site: str, path: str, freeze_mode: str,
-              freeze_layers: Sequence[int], distances: Sequence[int],
-              save_activations: bool = False) -> Dict[str, np.ndarray]:
-    """Every computation of the study; returns the results arrays (see the README).
+class _Study:
+    """What every part of the study shares: the model, the context's cache (run once), the
+    pairs' tokens and their endpoints at every needed interpolation layer (one call)."""
 
-    The shared context runs once; endpoints of all needed layers come from one call; each
-    interpolation layer is one batched continuation over all pairs and steps.
-    """
-    n_layer, n = model.config.n_layer, alpha.size
-    prefix = plateau_jax.run_prefix(model, pairs[0].context_ids)
-    tokens = np.array([[p.token_a, p.token_b] for p in pairs], np.int32)  # [P, 2]
-    P = len(pairs)
-    need = sorted(set(interp_layers) | {layer})
-    ends = np.asarray(interpolation.endpoint_activations(model, prefix, tokens.ravel(), need, site),
-                      np.float32).reshape(len(need), P, 2, -1)
-    ends = dict(zip(need, ends))  # layer -> [P, 2, d]
-    run_at = lambda l, **kw: interpolation.interpolation_run(
-        model, prefix, ends[l][:, 0], ends[l][:, 1], l, alpha, path=path, site=site, **kw)
+    def __init__(self, model, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray,
+                 layers: Sequence[int], site: str, path: str):
+        self.model, self.alpha, self.site, self.path = model, alpha, site, path
+        self.n_layer = model.config.n_layer
+        self.prefix = plateau_jax.run_prefix(model, pairs[0].context_ids)
+        self.tokens = np.array([[p.token_a, p.token_b] for p in pairs], np.int32)  # [P, 2]
+        need = sorted(set(layers))
+        ends = interpolation.endpoint_activations(model, self.prefix, self.tokens.ravel(), need,
+                                                  site)
+        ends = np.asarray(ends, np.float32)
+        self.ends = dict(zip(need, ends.reshape(len(need), len(pairs), 2, -1)))  # l -> [P, 2, d]
 
-    res: Dict[str, np.ndarray] = {"alpha": alpha, "tokens": tokens, "context_ids": pairs[0].context_ids,
-                                  "endings": np.array([[p.ending_a, p.ending_b] for p in pairs]),
-                                  "pair_labels": np.array([p.label for p in pairs]),
-                                  "layer": np.array(layer), "endpoints": ends[layer]}
-    # The main run at --layer: every component of every later layer.
-    main = run_at(layer)
-    down = main.layers
+    def run(self, layer: int, **kw) -> interpolation.InterpolationRun:
+        """One batched interpolation run of every pair at ``layer``."""
+        a, b = self.ends[layer][:, 0], self.ends[layer][:, 1]
+        return interpolation.interpolation_run(self.model, self.prefix, a, b, layer, self.alpha,
+                                               path=self.path, site=self.site, **kw)
+
+    def pad(self, arr, layers: Sequence[int]):
+        return _pad(arr, layers, self.n_layer)
+
+
+def _main_run(study: _Study, layer: int, save_activations: bool):
+    """The run at --layer (every component of every later layer) and its metrics: relative
+    distances, KL, step sizes, spline Hamming counts and densities, sharpness and boundaries."""
+    main = study.run(layer)
+    down, alpha, pad = main.layers, study.alpha, study.pad
     acts = {c: np.asarray(v, np.float32) for c, v in main.acts.items()}
     logits = np.asarray(main.logits, np.float32)
-    res["x"] = np.asarray(main.x, np.float32)  # the vectors fed in (model dtype, widened)
-    res["downstream_layers"] = np.array(down, np.int32)
-    for c in interpolation.default_components(model.config):
-        res[f"r_{c}"] = _pad(metrics.relative_distance(acts[c]), down, n_layer)
+    res = {"x": np.asarray(main.x, np.float32),  # the vectors fed in (model dtype, widened)
+           "downstream_layers": np.array(down, np.int32)}
+    for c in interpolation.default_components(study.model.config):
+        res[f"r_{c}"] = pad(metrics.relative_distance(acts[c]), down)
     res["r_logits"] = metrics.relative_distance(logits)
     res["kl_logits"] = metrics.kl_to_endpoints(logits)
-    res["step_resid_post"] = _pad(metrics.step_sizes(acts["resid_post"]), down, n_layer)
+    res["step_resid_post"] = pad(metrics.step_sizes(acts["resid_post"]), down)
     res["step_logits"] = metrics.step_sizes(logits)
-    res["spline_hamming"] = _pad(metrics.spline_hamming(acts["mlp_pre"]), down, n_layer)
-    mlp_in = acts[plateau_jax.model.sites.mlp_input(model.config)]  # resid_pre if parallel
-    res["spline_density"] = _pad(metrics.spline_density(acts["mlp_pre"], mlp_in), down, n_layer)
+    res["spline_hamming"] = pad(metrics.spline_hamming(acts["mlp_pre"]), down)
+    mlp_in = acts[sites.mlp_input(study.model.config)]  # resid_pre if parallel
+    res["spline_density"] = pad(metrics.spline_density(acts["mlp_pre"], mlp_in), down)
     # Sharpness on the relative distance r (the study's curves) and on the distance curve
     # d(alpha)/d(1) (the stable-regions work's); two different numbers, named apart.
-    d_resid = _pad(metrics.distance_curve(acts["resid_post"]), down, n_layer)
+    d_resid = pad(metrics.distance_curve(acts["resid_post"]), down)
     d_logits = metrics.distance_curve(logits)
     for target, r, d in (("resid_post", res["r_resid_post"], d_resid),
                          ("logits", res["r_logits"], d_logits)):
@@ -184,44 +187,76 @@ def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alph
         res[f"sharpness_d_{target}"] = metrics.sharpness(d, alpha)
         res[f"boundary_{target}"] = metrics.boundary(r, alpha)
     if save_activations:
-        for c, v in acts.items():
-            res[f"acts_{c}"] = v
+        res.update({f"acts_{c}": v for c, v in acts.items()})
         res["logits"] = logits
+    return main, res
 
-    files.fault_point("compute")
-    # Freezing attn_out / mlp_out in the chosen later layers.
-    frozen_r_logits, frozen_r_resid = [res["r_logits"]], [res["r_resid_post"]]
-    for comp in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
-        fr = run_at(layer, components=("resid_post",),
-                    patches=interpolation.freeze_patches(main, comp, freeze_mode, freeze_layers))
+
+def _freezing(study: _Study, main, clean: Dict[str, np.ndarray], freeze_mode: str,
+              freeze_layers: Sequence[int]):
+    """Reruns of the main run with attn_out, then mlp_out, of ``freeze_layers`` frozen; the
+    clean relative distances (``clean``: the main run's results) come first."""
+    frozen_r_logits, frozen_r_resid = [clean["r_logits"]], [clean["r_resid_post"]]
+    for sublayer in files.progress(FREEZE_CONDITIONS[1:], desc="freezing"):
+        fr = study.run(main.layer, components=("resid_post",),
+                       patches=interpolation.freeze_patches(main, sublayer, freeze_mode,
+                                                            freeze_layers))
         frozen_r_logits.append(metrics.relative_distance(fr.logits))
-        frozen_r_resid.append(_pad(metrics.relative_distance(fr.acts["resid_post"]), down, n_layer))
-    res["freeze_conditions"] = np.array(FREEZE_CONDITIONS)
-    res["freeze_layers"] = np.array(freeze_layers, np.int32)
-    res["frozen_r_logits"] = np.stack(frozen_r_logits, axis=1)  # [P, 3, n]
-    res["frozen_r_resid_post"] = np.stack(frozen_r_resid, axis=1)  # [P, 3, n_layer, n]
-    res["frozen_sharpness_r_logits"] = metrics.sharpness(res["frozen_r_logits"], alpha)
-    del acts, logits
+        frozen_r_resid.append(study.pad(metrics.relative_distance(fr.acts["resid_post"]),
+                                        main.layers))
+    frozen_r_logits = np.stack(frozen_r_logits, axis=1)  # [P, 3, n]
+    return {"freeze_conditions": np.array(FREEZE_CONDITIONS),
+            "freeze_layers": np.array(freeze_layers, np.int32),
+            "frozen_r_logits": frozen_r_logits,
+            "frozen_r_resid_post": np.stack(frozen_r_resid, axis=1),  # [P, 3, n_layer, n]
+            "frozen_sharpness_r_logits": metrics.sharpness(frozen_r_logits, study.alpha)}
 
-    # Every interpolation layer: logits, and resid_post N layers downstream.
-    I, D = len(interp_layers), len(distances)
-    each_r = np.full((P, I, n), np.nan)
-    dist_r = np.full((P, D, I, n), np.nan)
+
+def _each_interpolation_layer(study: _Study, main, interp_layers: Sequence[int],
+                              distances: Sequence[int]):
+    """For every interpolation layer: r of the logits, and r of resid_post N layers downstream
+    for each N of ``distances`` (the main run serves its own layer)."""
+    P, n = study.tokens.shape[0], study.alpha.size
+    each_r = np.full((P, len(interp_layers), n), np.nan)
+    dist_r = np.full((P, len(distances), len(interp_layers), n), np.nan)
     for i, l in enumerate(files.progress(interp_layers, desc="interpolation layers")):
-        first = interpolation.first_downstream_layer(l, site)
-        rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < n_layer}
-        run = main if l == layer else run_at(l, components=("resid_post",),
-                                             layers=sorted(set(rec.values())))
+        first = sites.first_layer_after(l, study.site)
+        rec = {j: first + d - 1 for j, d in enumerate(distances) if first + d - 1 < study.n_layer}
+        run = main if l == main.layer else study.run(l, components=("resid_post",),
+                                                     layers=sorted(set(rec.values())))
         each_r[:, i] = metrics.relative_distance(run.logits)
         for j, rl in rec.items():
             dist_r[:, j, i] = metrics.relative_distance(run.act("resid_post", rl))
-    del main, run
-    res["interp_layers"] = np.array(interp_layers, np.int32)
-    res["distances"] = np.array(distances, np.int32)
-    res["each_r_logits"] = each_r
-    res["each_sharpness_r_logits"] = metrics.sharpness(each_r, alpha)
-    res["each_boundary_logits"] = metrics.boundary(each_r, alpha)
-    res["dist_r_resid_post"] = dist_r
+    return {"interp_layers": np.array(interp_layers, np.int32),
+            "distances": np.array(distances, np.int32),
+            "each_r_logits": each_r,
+            "each_sharpness_r_logits": metrics.sharpness(each_r, study.alpha),
+            "each_boundary_logits": metrics.boundary(each_r, study.alpha),
+            "dist_r_resid_post": dist_r}
+
+
+def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray, *,
+              layer: int, interp_layers: Sequence[int], site: str, path: str, freeze_mode: str,
+              freeze_layers: Sequence[int], distances: Sequence[int],
+              save_activations: bool = False) -> Dict[str, np.ndarray]:
+    """Every computation of the study; returns the results arrays (see the README).
+
+    The shared context runs once; endpoints of all needed layers come from one call; each
+    interpolation layer is one batched continuation over all pairs and steps. Parts: the main
+    run at ``layer`` and its metrics (:func:`_main_run`), freezing (:func:`_freezing`), and
+    every interpolation layer (:func:`_each_interpolation_layer`).
+    """
+    study = _Study(model, pairs, alpha, list(interp_layers) + [layer], site, path)
+    res: Dict[str, np.ndarray] = {
+        "alpha": alpha, "tokens": study.tokens, "context_ids": pairs[0].context_ids,
+        "endings": np.array([[p.ending_a, p.ending_b] for p in pairs]),
+        "pair_labels": np.array([p.label for p in pairs]), "layer": np.array(layer),
+        "endpoints": study.ends[layer]}
+    main, main_res = _main_run(study, layer, save_activations)
+    res.update(main_res)
+    files.fault_point("compute")
+    res.update(_freezing(study, main, main_res, freeze_mode, freeze_layers))
+    res.update(_each_interpolation_layer(study, main, interp_layers, distances))
     return res
 
 

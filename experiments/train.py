@@ -10,63 +10,156 @@ loader's layout (config.json + model.safetensors + tokenizer files) are written 
 ``output_dir/final``. Held-out loss is logged to ``output_dir/metrics.jsonl`` every
 --eval_every steps; ``output_dir/summary.json`` records the final held-out loss, the unigram
 baseline and the random-initialisation loss.
+
+A run is described by one :class:`TrainConfig` (its fields carry the defaults and help texts;
+the flags are generated from them) and carried out by :func:`train` in steps: data
+(:func:`prepare_data`), model and optimiser (:func:`build_model`, :func:`make_optimizer`), the
+loop (:func:`train_loop`), evaluation and checkpoints (:class:`RunLog`), and the summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from typing import Optional, Tuple
 
 from absl import flags
 
 from experiments import common
 
 FLAGS = flags.FLAGS
+SAVE_DTYPES = ("float32", "float16")
+
+
+def _field(default, help_text: str, **metadata):
+    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on: the one place of the defaults. Each field is a
+    flag of ``python -m experiments.train`` (:func:`define_flags`) and a key of the run's
+    ``config.json``. Invalid values raise :class:`experiments.common.InputError` naming the flag."""
+
+    output_dir: Optional[str] = _field(None, "Where checkpoints, metrics and the summary go.")
+    corpus_dir: Optional[str] = _field(
+        None, "Directory with WordNet's data.{noun,verb,adj,adv} (default: searched).")
+    tokenizer_dir: Optional[str] = _field(
+        None, "Reuse this tokenizer (vocab.json + merges.txt) instead of training one.")
+    vocab_size: int = _field(4096, "BPE vocabulary size (when training a tokenizer).")
+    heldout_per_mille: int = _field(20, "Documents held out for evaluation, per mille.")
+    n_layer: int = _field(6, "Transformer blocks.")
+    n_embd: int = _field(192, "Residual width d_model.")
+    n_head: int = _field(6, "Attention heads.")
+    n_inner: Optional[int] = _field(None, "MLP width (default 4 * n_embd).", type=int)
+    n_ctx: int = _field(128, "Context length (n_positions).")
+    batch_size: int = _field(16, "Sequences per step.")
+    steps: int = _field(800, "Optimiser steps.")
+    lr: float = _field(2e-3, "Peak learning rate.")
+    min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of the peak.")
+    warmup_steps: int = _field(50, "Linear warm-up steps.")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only).")
+    clip_norm: float = _field(1.0, "Global gradient-norm clipping.")
+    beta2: float = _field(0.99, "Adam beta2.")
+    seed: int = _field(0, "Init and data-order seed.")
+    save_steps: Tuple[int, ...] = _field((0, 25, 50, 100, 200, 400, 800),
+                                         "Steps at which to save a checkpoint (0 = init).")
+    eval_every: int = _field(100, "Evaluate held-out loss every this many steps.")
+    eval_windows: int = _field(64, "Held-out windows of n_ctx tokens per evaluation (the final "
+                               "evaluation uses all of them).")
+    log_every: int = _field(25, "Log training loss every this many steps.")
+    save_dtype: str = _field("float32", "Storage dtype of the saved weights.",
+                             choices=SAVE_DTYPES)
+    max_minutes: Optional[float] = _field(None, "Stop early (and save) after this many minutes.",
+                                          type=float)
+    matmul_precision: str = _field("highest", "Matrix-product precision (a runtime flag shared "
+                                   "by every script).", runtime=True)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise common.InputError("--output_dir is required.")
+        object.__setattr__(self, "save_steps", tuple(sorted({int(s) for s in self.save_steps})))
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_ctx", "batch_size", "steps",
+                     "eval_every", "eval_windows", "log_every"):
+            common.positive(name, getattr(self, name))
+        common.positive("warmup_steps", self.warmup_steps, 0)
+        if self.n_inner is not None:
+            common.positive("n_inner", self.n_inner)
+        if self.n_embd % self.n_head:
+            raise common.InputError(f"--n_embd={self.n_embd} must be a multiple of "
+                                    f"--n_head={self.n_head}.")
+        if not 0 < self.heldout_per_mille < 1000:
+            raise common.InputError(f"--heldout_per_mille={self.heldout_per_mille}: expected "
+                                    "1..999.")
+        for name in ("lr", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise common.InputError(f"--{name}={getattr(self, name)}: expected a number > 0.")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.beta2 < 1 or self.weight_decay < 0:
+            raise common.InputError("--min_lr_ratio must be in [0, 1], --beta2 in [0, 1), "
+                                    "--weight_decay >= 0.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise common.InputError(f"--max_minutes={self.max_minutes}: expected a number > 0.")
+        if any(v < 0 for v in self.save_steps):
+            raise common.InputError(f"--save_steps: steps must be >= 0; got "
+                                    f"{list(self.save_steps)}.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise common.InputError(f"--save_dtype={self.save_dtype}: expected one of "
+                                    f"{SAVE_DTYPES}.")
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def record(self) -> dict:
+        """The configuration as written to ``config.json`` (and compared on a rerun)."""
+        return dataclasses.asdict(self)
+
 
 def define_flags():
-    """Defines this script's flags (called by ``__main__`` only, so that importing the
-    module from tests or other scripts defines no flags)."""
-    flags.DEFINE_string("output_dir", None, "Where checkpoints, metrics and the summary go.")
-    flags.DEFINE_string("corpus_dir", None,
-                        "Directory with WordNet's data.{noun,verb,adj,adv} (default: searched).")
-    flags.DEFINE_string("tokenizer_dir", None,
-                        "Reuse this tokenizer (vocab.json + merges.txt) instead of training one.")
-    flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size (when training a tokenizer).")
-    flags.DEFINE_integer("heldout_per_mille", 20, "Documents held out for evaluation, per mille.")
-    flags.DEFINE_integer("n_layer", 6, "Transformer blocks.")
-    flags.DEFINE_integer("n_embd", 192, "Residual width d_model.")
-    flags.DEFINE_integer("n_head", 6, "Attention heads.")
-    flags.DEFINE_integer("n_inner", None, "MLP width (default 4 * n_embd).")
-    flags.DEFINE_integer("n_ctx", 128, "Context length (n_positions).")
-    flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
-    flags.DEFINE_integer("steps", 800, "Optimiser steps.")
-    flags.DEFINE_float("lr", 2e-3, "Peak learning rate.")
-    flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate as a fraction of the peak.")
-    flags.DEFINE_integer("warmup_steps", 50, "Linear warm-up steps.")
-    flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
-    flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clipping.")
-    flags.DEFINE_float("beta2", 0.99, "Adam beta2.")
-    flags.DEFINE_integer("seed", 0, "Init and data-order seed.")
-    flags.DEFINE_list("save_steps", ["0", "25", "50", "100", "200", "400", "800"],
-                      "Steps at which to save a checkpoint (0 = init).")
-    flags.DEFINE_integer("eval_every", 100, "Evaluate held-out loss every this many steps.")
-    flags.DEFINE_integer("eval_windows", 64, "Held-out windows of n_ctx tokens per evaluation "
-                         "(the final evaluation uses all of them).")
-    flags.DEFINE_integer("log_every", 25, "Log training loss every this many steps.")
-    flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16"],
-                      "Storage dtype of the saved weights.")
-    flags.DEFINE_float("max_minutes", None, "Stop early (and save) after this many minutes.")
+    """Defines this script's flags, one per :class:`TrainConfig` field with its default and
+    help (called by ``__main__`` only, so that importing the module from tests or other
+    scripts defines no flags), plus the packaging flags."""
+    common.define_overwrite_flag()
+    common.define_runtime_flags()
+    for f in dataclasses.fields(TrainConfig):
+        kind, help_text = f.metadata.get("type", type(f.default)), f.metadata["help"]
+        if f.metadata.get("runtime"):  # defined by common.define_runtime_flags
+            if FLAGS[f.name].default != f.default:
+                raise AssertionError(f"--{f.name}'s default {FLAGS[f.name].default!r} differs "
+                                     f"from TrainConfig's {f.default!r}.")
+        elif "choices" in f.metadata:
+            flags.DEFINE_enum(f.name, f.default, list(f.metadata["choices"]), help_text)
+        elif isinstance(f.default, tuple):
+            flags.DEFINE_list(f.name, [str(v) for v in f.default], help_text)
+        elif kind is int:
+            flags.DEFINE_integer(f.name, f.default, help_text)
+        elif kind is float:
+            flags.DEFINE_float(f.name, f.default, help_text)
+        else:
+            flags.DEFINE_string(f.name, f.default, help_text)
     flags.DEFINE_string("package_to", None,
                         "After training, copy the final checkpoint with a held-out text sample, the "
                         "corpus licence and the training summary into this directory (e.g. "
                         "plateau_jax/assets/tiny-plateau, the shipped model).")
     flags.DEFINE_bool("package_only", False, "Skip training: only package an existing --output_dir.")
-    common.define_overwrite_flag()
-    common.define_runtime_flags()
 
+
+def config_from_flags() -> TrainConfig:
+    """The :class:`TrainConfig` of the parsed flags (validated)."""
+    try:
+        save_steps = tuple(int(v) for v in FLAGS.save_steps)
+    except ValueError:
+        raise common.InputError(f"--save_steps={','.join(FLAGS.save_steps)}: expected step "
+                                "numbers, e.g. 0,100,800.") from None
+    values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, "save_steps": save_steps})
+
+
+# ----------------------------------------------------------------------------- optimiser, steps
 
 def _decay_mask(params):
     """Weight decay on weight matrices (``W_*``) only, not on biases or norm gains."""
@@ -122,13 +215,146 @@ def make_eval(config, chunk: int = 16, precision="highest"):
     return evaluate
 
 
-def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=4096,
-          heldout_per_mille=20, n_layer=6, n_embd=192, n_head=6, n_inner=None, n_ctx=128,
-          batch_size=16, steps=800, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50,
-          weight_decay=0.1, clip_norm=1.0, beta2=0.99, seed=0, save_steps=(0,), eval_every=100,
-          eval_windows=64, log_every=25, save_dtype="float32", max_minutes=None,
-          matmul_precision="highest",
-          texts=None, flags_record=None, return_model=False):
+# ----------------------------------------------------------------------------- a run, in steps
+
+@dataclasses.dataclass
+class TrainData:
+    """The tokenizer, the training stream and the held-out windows of a run."""
+
+    tokenizer: object
+    tokenizer_dir: str
+    train_stream: object
+    all_eval: object  # [windows, n_ctx + 1]: every held-out window
+    quick_eval: object  # the first eval_windows of them
+    unigram: float
+    corpus: dict
+
+
+def prepare_data(config: TrainConfig, texts=None) -> TrainData:
+    """Reads and splits the corpus (or ``texts = (train, heldout)``), trains or reads the
+    tokenizer, encodes both splits and the held-out windows, and the unigram baseline."""
+    from plateau_jax.training import data
+
+    if texts is None:
+        docs = data.load_documents(config.corpus_dir)
+        train_texts, held_texts = data.split_documents(docs, config.heldout_per_mille, seed=0)
+        corpus = {"name": "WordNet 3.0 glosses", "dir": data.find_corpus(config.corpus_dir),
+                  "licence": data.CORPUS_LICENCE, "documents": len(docs)}
+    else:
+        train_texts, held_texts = texts
+        corpus = {"name": "given texts", "documents": len(train_texts) + len(held_texts)}
+    corpus.update(train_documents=len(train_texts), heldout_documents=len(held_texts),
+                  train_chars=sum(map(len, train_texts)), heldout_chars=sum(map(len, held_texts)))
+    tokenizer_dir = config.tokenizer_dir
+    if not tokenizer_dir:
+        tokenizer_dir = os.path.join(config.output_dir, "tokenizer")
+        data.train_tokenizer(train_texts, tokenizer_dir, vocab_size=config.vocab_size)
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    train_stream = data.encode_stream(tokenizer, train_texts)
+    held_stream = data.encode_stream(tokenizer, held_texts)
+    corpus.update(train_tokens=int(len(train_stream)), heldout_tokens=int(len(held_stream)))
+    logging.info("Corpus: %s", corpus)
+    all_eval = data.eval_windows(held_stream, config.n_ctx)
+    return TrainData(tokenizer, tokenizer_dir, train_stream, all_eval,
+                     all_eval[:config.eval_windows],
+                     data.unigram_loss(train_stream, all_eval[:, 1:], len(tokenizer)), corpus)
+
+
+def build_model(config: TrainConfig, tokenizer):
+    """The randomly initialised model of ``config`` (``seed``) with ``tokenizer``."""
+    import plateau_jax
+
+    model_config = plateau_jax.ModelConfig.gpt2(
+        vocab_size=len(tokenizer), n_positions=config.n_ctx, d_model=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, d_mlp=config.d_mlp)
+    return plateau_jax.init_model(model_config, seed=config.seed, tokenizer=tokenizer)
+
+
+class RunLog:
+    """A run's metrics log (``metrics.jsonl``, one JSON line per record, flushed at once) and its
+    checkpoints (in the loader's layout, with GPT-2's tokenizer files). A context manager: the
+    log file is closed on exit."""
+
+    def __init__(self, config: TrainConfig, model, tokenizer_dir: str):
+        self.config, self.model, self.tokenizer_dir = config, model, tokenizer_dir
+        self._file = open(os.path.join(config.output_dir, "metrics.jsonl"), "w")
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def metric(self, **kw) -> None:
+        self._file.write(json.dumps(kw) + "\n")
+        self._file.flush()
+
+    def save(self, params, name: str, dtype: str = "float32") -> str:
+        """Writes ``params`` as checkpoint ``output_dir/name`` (stored in ``dtype``)."""
+        import plateau_jax
+
+        m = self.model.replace(params=params)
+        if dtype != "float32":
+            m = m.astype(dtype)
+        path = plateau_jax.save_model(m, os.path.join(self.config.output_dir, name))
+        for f in ("vocab.json", "merges.txt"):  # GPT-2's own tokenizer file format, too
+            if os.path.exists(os.path.join(self.tokenizer_dir, f)):
+                shutil.copyfile(os.path.join(self.tokenizer_dir, f), os.path.join(path, f))
+        logging.info("Saved %s", path)
+        return path
+
+    def checkpoint(self, params, step: int) -> str:
+        return self.save(params, f"checkpoints/step_{step:06d}")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    params: object
+    step: int  # the last step taken
+    tokens: int  # tokens seen
+    stopped_early: bool
+    train_seconds: float
+
+
+def train_loop(config: TrainConfig, params, opt_state, train_step, schedule, evaluate,
+               data: TrainData, log: RunLog, t_start: float) -> LoopResult:
+    """The optimiser steps: training loss logged every ``log_every`` steps, checkpoints at
+    ``save_steps``, the quick held-out loss every ``eval_every`` steps, and an early stop after
+    ``max_minutes``."""
+    from plateau_jax.training import data as data_lib
+
+    batches = data_lib.iter_batches(data.train_stream, config.batch_size, config.n_ctx,
+                                    config.seed)
+    t_train = time.time()
+    tokens = 0
+    step = 0
+    stopped_early = False
+    for step in range(1, config.steps + 1):
+        batch = next(batches)
+        params, opt_state, loss, gnorm = train_step(params, opt_state, batch)
+        tokens += config.batch_size * config.n_ctx
+        if step % config.log_every == 0 or step == 1:
+            loss = float(loss)
+            el = time.time() - t_train
+            logging.info("step %d loss %.4f gnorm %.3f lr %.2e tok/s %.0f", step, loss,
+                         float(gnorm), float(schedule(step)), tokens / el)
+            log.metric(step=step, train_loss=loss, grad_norm=float(gnorm),
+                       lr=float(schedule(step)), tokens=tokens, time_s=time.time() - t_start)
+        if step in config.save_steps:
+            log.checkpoint(params, step)
+        if step % config.eval_every == 0 and step != config.steps:
+            hl = evaluate(params, data.quick_eval)
+            logging.info("step %d held-out loss %.4f (%d windows)", step, hl, len(data.quick_eval))
+            log.metric(step=step, heldout_loss_quick=hl, time_s=time.time() - t_start)
+        if config.max_minutes is not None and (time.time() - t_start) / 60 > config.max_minutes:
+            logging.warning("Stopping at step %d: --max_minutes=%s reached.", step,
+                            config.max_minutes)
+            stopped_early = True
+            break
+    return LoopResult(params, step, tokens, stopped_early, time.time() - t_train)
+
+
+def train(config: TrainConfig, *, texts=None, return_model: bool = False):
     """The training run behind ``python -m experiments.train`` (see module doc).
 
     ``texts``: optional ``(train_texts, heldout_texts)`` to use instead of the corpus (tests).
@@ -136,126 +362,57 @@ def train(output_dir: str, *, corpus_dir=None, tokenizer_dir=None, vocab_size=40
     float32 model too when ``return_model``.
     """
     import jax
-    import numpy as np
 
     import plateau_jax
-    from plateau_jax.training import data
+    from plateau_jax.training import data as data_lib
     from plateau_jax import files
 
     t_start = time.time()
     if texts is None:
-        data.find_corpus(corpus_dir)  # a missing corpus stops the run before anything is written
-    files.prepare_output_dir(output_dir)
-    if texts is None:
-        docs = data.load_documents(corpus_dir)
-        train_texts, held_texts = data.split_documents(docs, heldout_per_mille, seed=0)
-        corpus = {"name": "WordNet 3.0 glosses", "dir": data.find_corpus(corpus_dir),
-                  "licence": data.CORPUS_LICENCE, "documents": len(docs)}
-    else:
-        train_texts, held_texts = texts
-        corpus = {"name": "given texts", "documents": len(train_texts) + len(held_texts)}
-    corpus.update(train_documents=len(train_texts), heldout_documents=len(held_texts),
-                  train_chars=sum(map(len, train_texts)), heldout_chars=sum(map(len, held_texts)))
-    if not tokenizer_dir:
-        data.train_tokenizer(train_texts, os.path.join(output_dir, "tokenizer"),
-                             vocab_size=vocab_size)
-        tokenizer_dir = os.path.join(output_dir, "tokenizer")
-    tokenizer = data.load_tokenizer(tokenizer_dir)
-    vocab = len(tokenizer)
-    train_stream = data.encode_stream(tokenizer, train_texts)
-    held_stream = data.encode_stream(tokenizer, held_texts)
-    corpus.update(train_tokens=int(len(train_stream)), heldout_tokens=int(len(held_stream)))
-    logging.info("Corpus: %s", corpus)
-
-    config = plateau_jax.ModelConfig.gpt2(vocab_size=vocab, n_positions=n_ctx, d_model=n_embd,
-                                          n_layer=n_layer, n_head=n_head,
-                                          d_mlp=n_inner or 4 * n_embd)
-    model = plateau_jax.init_model(config, seed=seed, tokenizer=tokenizer)
+        # a missing corpus stops the run before anything is written
+        data_lib.find_corpus(config.corpus_dir)
+    files.prepare_output_dir(config.output_dir)
+    data = prepare_data(config, texts)
+    model = build_model(config, data.tokenizer)
     n_params = int(sum(a.size for a in jax.tree_util.tree_leaves(model.params)))
-    optimizer, schedule = make_optimizer(lr, warmup_steps, steps, min_lr_ratio, weight_decay,
-                                         clip_norm, beta2)
-    opt_state = optimizer.init(model.params)
-    train_step = make_train_step(config, optimizer, matmul_precision)
-    evaluate = make_eval(config, precision=matmul_precision)
-    all_eval = data.eval_windows(held_stream, n_ctx)
-    quick_eval = all_eval[:eval_windows]
-    unigram = data.unigram_loss(train_stream, all_eval[:, 1:], vocab)
+    optimizer, schedule = make_optimizer(config.lr, config.warmup_steps, config.steps,
+                                         config.min_lr_ratio, config.weight_decay,
+                                         config.clip_norm, config.beta2)
+    train_step = make_train_step(model.config, optimizer, config.matmul_precision)
+    evaluate = make_eval(model.config, precision=config.matmul_precision)
+    files.write_config(config.output_dir, {**config.record(), "model_config": model.config.__dict__,
+                                           "n_params": n_params, "corpus": data.corpus})
 
-    record = dict(flags_record or {})
-    record.update(model_config=config.__dict__, n_params=n_params, corpus=corpus)
-    files.write_config(output_dir, record)
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    metrics = open(metrics_path, "w")
-
-    def log_metric(**kw):
-        metrics.write(json.dumps(kw) + "\n")
-        metrics.flush()
-
-    def save(params, name, dtype="float32"):
-        m = model.replace(params=params)
-        if dtype != "float32":
-            m = m.astype(dtype)
-        path = plateau_jax.save_gpt2(m, os.path.join(output_dir, name))
-        for f in ("vocab.json", "merges.txt"):  # GPT-2's own tokenizer file format, too
-            if os.path.exists(os.path.join(tokenizer_dir, f)):
-                shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(path, f))
-        logging.info("Saved %s", path)
-        return path
-
-    save_steps = sorted({int(s) for s in save_steps})
-    params = model.params
-    init_loss = evaluate(params, all_eval)
-    logging.info("params=%d unigram=%.4f init held-out=%.4f", n_params, unigram, init_loss)
-    log_metric(step=0, heldout_loss=init_loss, unigram_loss=unigram, time_s=time.time() - t_start)
-    if 0 in save_steps:
-        save(params, "checkpoints/step_000000")
-
-    batches = data.iter_batches(train_stream, batch_size, n_ctx, seed)
-    t_train = time.time()
-    tokens = 0
-    step = 0
-    stopped_early = False
-    for step in range(1, steps + 1):
-        batch = next(batches)
-        params, opt_state, loss, gnorm = train_step(params, opt_state, batch)
-        tokens += batch_size * n_ctx
-        if step % log_every == 0 or step == 1:
-            loss = float(loss)
-            el = time.time() - t_train
-            logging.info("step %d loss %.4f gnorm %.3f lr %.2e tok/s %.0f", step, loss,
-                         float(gnorm), float(schedule(step)), tokens / el)
-            log_metric(step=step, train_loss=loss, grad_norm=float(gnorm),
-                       lr=float(schedule(step)), tokens=tokens, time_s=time.time() - t_start)
-        if step in save_steps:
-            save(params, f"checkpoints/step_{step:06d}")
-        if step % eval_every == 0 and step != steps:
-            hl = evaluate(params, quick_eval)
-            logging.info("step %d held-out loss %.4f (%d windows)", step, hl, len(quick_eval))
-            log_metric(step=step, heldout_loss_quick=hl, time_s=time.time() - t_start)
-        if max_minutes is not None and (time.time() - t_start) / 60 > max_minutes:
-            logging.warning("Stopping at step %d: --max_minutes=%s reached.", step, max_minutes)
-            stopped_early = True
-            break
-    train_s = time.time() - t_train
-    final_loss = evaluate(params, all_eval)
-    log_metric(step=step, heldout_loss=final_loss, time_s=time.time() - t_start)
-    if step not in save_steps:
-        save(params, f"checkpoints/step_{step:06d}")
-    final_dir = save(params, "final", save_dtype)
-    stored = plateau_jax.load_gpt2(final_dir)
-    stored_loss = evaluate(stored.params, all_eval)
-    summary = dict(steps=step, stopped_early=stopped_early, tokens_seen=tokens,
-                   train_seconds=train_s, tokens_per_second=tokens / max(train_s, 1e-9),
-                   total_seconds=time.time() - t_start, n_params=n_params,
-                   heldout_windows=int(len(all_eval)), heldout_tokens_scored=int(all_eval[:, 1:].size),
-                   unigram_loss=unigram, init_loss=init_loss, final_loss=final_loss,
-                   final_loss_as_stored=stored_loss, save_dtype=save_dtype,
-                   weights_bytes=os.path.getsize(os.path.join(final_dir, "model.safetensors")),
-                   corpus=corpus, model_config=config.__dict__)
-    files.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
-    metrics.close()
+    with RunLog(config, model, data.tokenizer_dir) as log:
+        init_loss = evaluate(model.params, data.all_eval)
+        logging.info("params=%d unigram=%.4f init held-out=%.4f", n_params, data.unigram,
+                     init_loss)
+        log.metric(step=0, heldout_loss=init_loss, unigram_loss=data.unigram,
+                   time_s=time.time() - t_start)
+        if 0 in config.save_steps:
+            log.checkpoint(model.params, 0)
+        res = train_loop(config, model.params, optimizer.init(model.params), train_step,
+                         schedule, evaluate, data, log, t_start)
+        final_loss = evaluate(res.params, data.all_eval)
+        log.metric(step=res.step, heldout_loss=final_loss, time_s=time.time() - t_start)
+        if res.step not in config.save_steps:
+            log.checkpoint(res.params, res.step)
+        final_dir = log.save(res.params, "final", config.save_dtype)
+        stored_loss = evaluate(plateau_jax.load_model(final_dir).params, data.all_eval)
+        summary = dict(
+            steps=res.step, stopped_early=res.stopped_early, tokens_seen=res.tokens,
+            train_seconds=res.train_seconds,
+            tokens_per_second=res.tokens / max(res.train_seconds, 1e-9),
+            total_seconds=time.time() - t_start, n_params=n_params,
+            heldout_windows=int(len(data.all_eval)),
+            heldout_tokens_scored=int(data.all_eval[:, 1:].size), unigram_loss=data.unigram,
+            init_loss=init_loss, final_loss=final_loss, final_loss_as_stored=stored_loss,
+            save_dtype=config.save_dtype,
+            weights_bytes=os.path.getsize(os.path.join(final_dir, "model.safetensors")),
+            corpus=data.corpus, model_config=model.config.__dict__)
+        files.atomic_write_json(os.path.join(config.output_dir, "summary.json"), summary)
     logging.info("Done: %s", summary)
-    return (summary, model.replace(params=params)) if return_model else summary
+    return (summary, model.replace(params=res.params)) if return_model else summary
 
 
 SHIPPED_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt",
@@ -339,67 +496,35 @@ def package(run_dir: str, dest: str, corpus_dir=None, heldout_per_mille: int = 2
     return dest
 
 
-def check_flags() -> None:
-    """Every flag checked before any work (and before anything is written)."""
+def check_flags() -> TrainConfig:
+    """Every flag checked before any work (and before anything is written); returns the run's
+    :class:`TrainConfig`."""
     from plateau_jax.training import data
 
-    if not FLAGS.output_dir:
-        raise common.InputError("--output_dir is required.")
-    for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_ctx", "batch_size", "steps",
-                 "eval_every", "eval_windows", "log_every"):
-        common.positive(name, getattr(FLAGS, name))
-    common.positive("warmup_steps", FLAGS.warmup_steps, 0)
-    if FLAGS.n_inner is not None:
-        common.positive("n_inner", FLAGS.n_inner)
-    if FLAGS.n_embd % FLAGS.n_head:
-        raise common.InputError(f"--n_embd={FLAGS.n_embd} must be a multiple of "
-                                f"--n_head={FLAGS.n_head}.")
-    if not 0 < FLAGS.heldout_per_mille < 1000:
-        raise common.InputError(f"--heldout_per_mille={FLAGS.heldout_per_mille}: expected 1..999.")
-    for name in ("lr", "clip_norm"):
-        if not getattr(FLAGS, name) > 0:
-            raise common.InputError(f"--{name}={getattr(FLAGS, name)}: expected a number > 0.")
-    if not 0 <= FLAGS.min_lr_ratio <= 1 or not 0 <= FLAGS.beta2 < 1 or FLAGS.weight_decay < 0:
-        raise common.InputError("--min_lr_ratio must be in [0, 1], --beta2 in [0, 1), "
-                                "--weight_decay >= 0.")
-    if FLAGS.max_minutes is not None and not FLAGS.max_minutes > 0:
-        raise common.InputError(f"--max_minutes={FLAGS.max_minutes}: expected a number > 0.")
-    try:
-        steps = [int(v) for v in FLAGS.save_steps]
-    except ValueError:
-        raise common.InputError(f"--save_steps={','.join(FLAGS.save_steps)}: expected step "
-                                "numbers, e.g. 0,100,800.") from None
-    if any(v < 0 for v in steps):
-        raise common.InputError(f"--save_steps: steps must be >= 0; got {steps}.")
-    if FLAGS.tokenizer_dir:
-        common.existing_dir("tokenizer_dir", FLAGS.tokenizer_dir)
+    config = config_from_flags()
+    if config.tokenizer_dir:
+        common.existing_dir("tokenizer_dir", config.tokenizer_dir)
         missing = [f for f in ("vocab.json", "merges.txt")
-                   if not os.path.isfile(os.path.join(FLAGS.tokenizer_dir, f))]
+                   if not os.path.isfile(os.path.join(config.tokenizer_dir, f))]
         if missing:
-            raise common.InputError(f"--tokenizer_dir={FLAGS.tokenizer_dir} lacks {missing}.")
+            raise common.InputError(f"--tokenizer_dir={config.tokenizer_dir} lacks {missing}.")
     if not FLAGS.package_only or FLAGS.package_to:
-        data.find_corpus(FLAGS.corpus_dir)  # training and packaging both read the corpus
+        data.find_corpus(config.corpus_dir)  # training and packaging both read the corpus
     if FLAGS.package_only:
         if not FLAGS.package_to:
             raise common.InputError("--package_only needs --package_to (where to package to).")
-        _run_files(FLAGS.output_dir)
+        _run_files(config.output_dir)
     if FLAGS.package_to:
-        check_package_dest(FLAGS.output_dir, FLAGS.package_to, FLAGS.overwrite)
+        check_package_dest(config.output_dir, FLAGS.package_to, FLAGS.overwrite)
+    return config
 
 
-TRAIN_FLAGS = ("output_dir", "corpus_dir", "tokenizer_dir", "vocab_size", "heldout_per_mille",
-               "n_layer", "n_embd", "n_head", "n_inner", "n_ctx", "batch_size", "steps", "lr",
-               "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "beta2", "seed",
-               "eval_every", "eval_windows", "log_every", "save_dtype", "max_minutes",
-               "matmul_precision")
-
-
-def check_run_dir(kw: dict) -> None:
+def check_run_dir(config: TrainConfig) -> None:
     """Refuses to train into a directory holding a run of another configuration (its
     config.json differs), unless --overwrite."""
     from plateau_jax import files
 
-    path = os.path.join(FLAGS.output_dir, "config.json")
+    path = os.path.join(config.output_dir, "config.json")
     if FLAGS.overwrite or not os.path.exists(path):
         return
     try:
@@ -407,10 +532,11 @@ def check_run_dir(kw: dict) -> None:
             old = json.load(f).get("config", {})
     except (OSError, ValueError):
         old = {}
-    diffs = files.config_differences({k: old.get(k) for k in kw}, kw, ignore=("output_dir",))
+    new = config.record()
+    diffs = files.config_differences({k: old.get(k) for k in new}, new, ignore=("output_dir",))
     if diffs:
         raise files.OutputConflictError(
-            f"{FLAGS.output_dir} holds a training run with another configuration "
+            f"{config.output_dir} holds a training run with another configuration "
             f"({'; '.join(diffs[:8])}); pass --overwrite to train over it, or use another "
             "--output_dir.")
 
@@ -418,15 +544,13 @@ def check_run_dir(kw: dict) -> None:
 @common.cli
 def main(argv):
     del argv
-    check_flags()
-    kw = {n: getattr(FLAGS, n) for n in TRAIN_FLAGS}
+    config = check_flags()
     common.apply_runtime_flags()
-    kw["save_steps"] = [int(s) for s in FLAGS.save_steps]
     if not FLAGS.package_only:
-        check_run_dir(kw)
-        train(flags_record=dict(kw), **kw)
+        check_run_dir(config)
+        train(config)
     if FLAGS.package_to:
-        package(FLAGS.output_dir, FLAGS.package_to, FLAGS.corpus_dir, FLAGS.heldout_per_mille)
+        package(config.output_dir, FLAGS.package_to, config.corpus_dir, config.heldout_per_mille)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def test_bad_inputs(model, ids):
         plateau_jax.embed_last(model, prefix, [cfg.vocab_size])
     with pytest.raises(ValueError, match="swap key"):
         plateau_jax.forward(model, ids, swaps={"block.1": plateau_jax.IDENTITY})
-    with pytest.raises(ValueError, match="freeze component"):
+    with pytest.raises(ValueError, match="freeze sublayer"):
         plateau_jax.freeze("ln", {0: x[0]}, cfg)
     with pytest.raises(ValueError, match="Unsupported dtype"):
         model.astype("float64")

@@ -7,7 +7,8 @@ import plateau_jax
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import interpolation
 from plateau_jax.plateaus import prompts
-from plateau_jax.plateaus.interpolation import component_site, interpolation_run
+from plateau_jax.model.sites import site_name
+from plateau_jax.plateaus.interpolation import interpolation_run
 from plateau_fixtures import CONTEXT, tiny_model
 
 ALPHA = np.linspace(0.0, 1.0, 7)
@@ -48,7 +49,7 @@ def test_run_equals_full_forward_with_substitution(setup, layer, site):
     first = layer + 1 if site == "resid_post" else layer
     assert run.layers == tuple(range(first, model.config.n_layer))
     skipped = {(layer, "attn_out")} if site == "resid_mid" else set()  # upstream of the entry
-    names = [component_site(l, c) for l in run.layers for c in interpolation.DEFAULT_COMPONENTS
+    names = [site_name(l, c) for l in run.layers for c in interpolation.DEFAULT_COMPONENTS
              if (l, c) not in skipped]
     ref_logits, ref = _full_forward_reference(model, pairs, tokens, np.asarray(run.x), layer, site,
                                               names)
@@ -60,7 +61,7 @@ def test_run_equals_full_forward_with_substitution(setup, layer, site):
             if (l, c) in skipped:
                 assert np.all(np.isnan(got[:, j]))
                 continue
-            np.testing.assert_allclose(got[:, j], ref[component_site(l, c)], rtol=2e-4, atol=2e-4,
+            np.testing.assert_allclose(got[:, j], ref[site_name(l, c)], rtol=2e-4, atol=2e-4,
                                        err_msg=f"{c} layer {l}")
     # The path starts and ends at the clean prompts: r is 0 and 1 there and varies in between.
     r = metrics.relative_distance(run.acts["resid_post"])
@@ -83,8 +84,8 @@ def _rerun(setup, clean, patches):
 
 
 def test_freezing_to_clean_values_changes_nothing(setup, clean):
-    patches = {component_site(l, "mlp_out"): clean.act("mlp_out", l) for l in clean.layers}
-    patches.update({component_site(l, "attn_out"): clean.act("attn_out", l) for l in clean.layers})
+    patches = {site_name(l, "mlp_out"): clean.act("mlp_out", l) for l in clean.layers}
+    patches.update({site_name(l, "attn_out"): clean.act("attn_out", l) for l in clean.layers})
     again = _rerun(setup, clean, patches)
     np.testing.assert_allclose(np.asarray(again.logits), np.asarray(clean.logits), rtol=1e-5, atol=1e-5)
 
@@ -138,5 +139,5 @@ def test_bad_arguments(setup, clean):
         interpolation_run(model, prefix, a, a, 0, ALPHA, path="cubic")
     with pytest.raises(ValueError, match="Unknown freeze mode"):
         interpolation.freeze_patches(clean, "mlp", "first")
-    with pytest.raises(ValueError, match="freeze component"):
+    with pytest.raises(ValueError, match="freeze sublayer"):
         interpolation.freeze_patches(clean, "ln", "mean")

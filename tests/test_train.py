@@ -27,10 +27,11 @@ def _tiny_texts():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    summary, model = train_lib.train(
-        out, texts=_tiny_texts(), vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
-        batch_size=8, steps=12, lr=1e-2, warmup_steps=3, save_steps=[0, 6], eval_every=6,
-        eval_windows=4, log_every=3, save_dtype="float16", return_model=True)
+    config = train_lib.TrainConfig(
+        out, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32, batch_size=8, steps=12,
+        lr=1e-2, warmup_steps=3, save_steps=(0, 6), eval_every=6, eval_windows=4, log_every=3,
+        save_dtype="float16")
+    summary, model = train_lib.train(config, texts=_tiny_texts(), return_model=True)
     return out, summary, model
 
 

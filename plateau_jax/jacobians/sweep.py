@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
@@ -101,17 +100,13 @@ def _cumulative_raw(params, config: ModelConfig, prefix: KVCache, entry):
     return f
 
 
-def _first_layer(layer0: int, site: str) -> int:
-    return sites_lib.first_layer_after(layer0, site)
-
-
 def cumulative_fn(model: Model, prefix: KVCache, layer: int, site: str = "resid_post"):
     """``x [d] -> [n_after, d]``: resid_post of every layer after ``blocks.layer.hook_{site}``."""
     _check_site(site)
     _check_prefix(prefix)
     cfg = model.config
     f = _cumulative_raw(model.params, cfg, prefix, sites_lib.entry_index(layer, site, cfg))
-    first = _first_layer(layer, site)
+    first = sites_lib.first_layer_after(layer, site)
     return lambda x: f(x)[first:]
 
 
@@ -174,18 +169,39 @@ class SweepOptions:
             if name == "cumulative" and not self.cumulative:
                 raise ValueError("full='cumulative' needs cumulative=True.")
 
+    @property
+    def matrix_free_spec(self) -> bool:
+        """Spectral norms of the per-layer families by power iteration (no dense matrix)."""
+        return self.spec_method == "power" and "spec" in self.stats
+
+    @property
+    def product_families(self) -> Tuple[str, ...]:
+        """The families whose study products are formed."""
+        return tuple(f for f in ("mlp", "attn") if self.products and f in self.families)
+
+    def gram_fro(self, family: str) -> bool:
+        """Whether ``family``'s Frobenius norms come from the Gram identity instead of a dense
+        matrix: the MLP with ``mlp_method="gram"`` (the one place this special case is decided)."""
+        return (family == "mlp" and family in self.families and self.mlp_method == "gram"
+                and "fro" in self.stats)
+
     def dense_stats(self, matrix_free_spec: bool) -> Tuple[str, ...]:
+        """The requested reductions of a dense matrix (without "spec" when it is matrix-free)."""
         out = [s for s in ("fro", "spec", "topk") if s in self.stats]
         if matrix_free_spec and "spec" in out:
             out.remove("spec")
         return tuple(out)
 
+    def family_dense_stats(self, family: str) -> Tuple[str, ...]:
+        """The reductions of ``family``'s dense per-layer matrix (products and cumulative
+        Jacobians use ``dense_stats(False)``)."""
+        return tuple(s for s in self.dense_stats(self.matrix_free_spec)
+                     if not (s == "fro" and self.gram_fro(family)))
+
     def needs_dense(self, family: str) -> bool:
-        if family in self.full or (self.products and family in ("mlp", "attn")):
-            return True
-        if "topk" in self.stats or ("spec" in self.stats and self.spec_method == "svd"):
-            return True
-        return "fro" in self.stats and not (family == "mlp" and self.mlp_method == "gram")
+        """Whether ``family``'s dense per-layer matrix is formed."""
+        return (family in self.full or family in self.product_families
+                or bool(self.family_dense_stats(family)))
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -193,7 +209,7 @@ class SweepOptions:
 def full_bytes(config: ModelConfig, n_steps: int, layer: int, site: str, full: Sequence[str],
                itemsize: int = 4) -> int:
     """Bytes of the full matrices ``full`` would return: n_layers x n_steps x d x d each."""
-    n_layers = config.n_layer - _first_layer(layer, site)
+    n_layers = config.n_layer - sites_lib.first_layer_after(layer, site)
     return len(set(full)) * n_layers * n_steps * config.n_embd ** 2 * itemsize
 
 
@@ -220,11 +236,12 @@ def check_full_size(config: ModelConfig, n_steps: int, layer: int, site: str,
     """Returns the estimate; raises :class:`JacobianTooLargeError` above ``max_bytes`` (default:
     a quarter of the accelerator's memory, or 4 GiB when unknown) unless ``force``."""
     need = full_bytes(config, n_steps, layer, site, full, itemsize)
+    n_layers = config.n_layer - sites_lib.first_layer_after(layer, site)
     limit = _device_limit() if max_bytes is None else int(max_bytes)
     if full and need > limit and not force:
         raise JacobianTooLargeError(
             f"full matrices {sorted(set(full))} need {_fmt_bytes(need)} "
-            f"({config.n_layer - _first_layer(layer, site)} layers x {n_steps} steps x "
+            f"({n_layers} layers x {n_steps} steps x "
             f"{config.n_embd}^2 x {itemsize} B each), over the limit of {_fmt_bytes(limit)}. Ask for "
             "norms only (they are reduced inside the jitted call), fewer steps, or pass force=True.")
     return need
@@ -232,103 +249,122 @@ def check_full_size(config: ModelConfig, n_steps: int, layer: int, site: str,
 
 # ----------------------------------------------------------------------------- the sweep
 
+def _reduced(name: str, J, stats: Sequence[str], opts: SweepOptions) -> Dict[str, Array]:
+    """``{name}_{stat}`` reductions of ``J`` ``[..., d, d]``, and ``{name}_full`` when asked for."""
+    out = {f"{name}_{k}": v for k, v in reduce_dense(J, stats, opts.top_k).items()}
+    if name in opts.full:
+        out[f"{name}_full"] = J
+    return out
+
+
+def _path_inputs(params, config: ModelConfig, prefix: KVCache, x, entry):
+    """Every layer's family inputs along the path ``x`` ``[N, d]``: ``(resid_pre, MLP input)``,
+    each ``[L, N, d]`` (NaN rows upstream of the entry)."""
+    L = config.n_layer
+    mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))
+    iv = core.record_layers({"hook_resid_pre": range(L), mlp_in: range(L)}, L)
+    _, rec = core.continue_from(params, config, prefix, x[None], entry, iv)
+    return rec["hook_resid_pre"][:, 0], rec[mlp_in][:, 0]
+
+
+def _family_step(family: str, f, bp, config: ModelConfig, opts: SweepOptions, dtype):
+    """``(x_i, key_i, P_i) -> {name: value}``: family ``family``'s results at one step of one
+    layer (``f`` its single-token function, ``P_i`` the product so far, returned as ``_P``)."""
+    dense = opts.needs_dense(family)
+    closed = dense and family == "mlp" and opts.mlp_method != "autodiff"
+    # per layer, outside the loop over steps (see jacobian_operands)
+    ops = jacobian_operands(bp, config, dtype) if closed else None
+    product = family in opts.product_families
+
+    def step(args):
+        xi, ki, Pi = args
+        res = {}
+        if dense:
+            J = mlp_jacobian(bp, config, xi, ops) if closed else jax.jacfwd(f)(xi)
+            res.update(_reduced(family, J, opts.family_dense_stats(family), opts))
+            if product:
+                res["_P"] = J @ Pi
+                res.update(_reduced(f"product_{family}", res["_P"], opts.dense_stats(False), opts))
+        k1, k2 = jax.random.split(ki)
+        if opts.matrix_free_spec:
+            res[f"{family}_spec"] = power_spectral_norm(f, xi, k1, opts.power_iters)
+        if "fro_hutch" in opts.stats:
+            est, se = hutchinson_frobenius(f, xi, k2, opts.probes)
+            res[f"{family}_fro_hutch"], res[f"{family}_fro_hutch_se"] = est, se
+        return res
+
+    return step
+
+
+def _layer_results(carry, inp, *, prefix: KVCache, config: ModelConfig, opts: SweepOptions,
+                   dtype):
+    """One layer's results of every family at every step (``inp``: the layer's slice of the
+    scanned inputs; ``carry``: the running products ``[N, d, d]`` per product family)."""
+    out, new_carry = {}, {}
+    bp = inp["bp"]
+    ctx = layers.Context(inp["keys"], inp["values"], prefix.mask)
+    n = inp["pre"].shape[0]
+    for fam in opts.families:
+        f = _family_fn_raw(fam, bp, config, ctx, prefix.length)
+        xin = inp["mid"] if fam == "mlp" else inp["pre"]
+        step_keys = jax.random.split(jax.random.fold_in(inp["key"], FAMILIES.index(fam)), n)
+        P = carry[fam] if fam in carry else jnp.zeros((n, 0), dtype)
+        res = jax.lax.map(_family_step(fam, f, bp, config, opts, dtype), (xin, step_keys, P),
+                          batch_size=min(opts.batch_size, n))
+        if fam in carry:
+            new_carry[fam] = res.pop("_P")
+        out.update(res)
+        if opts.gram_fro(fam):  # exact Frobenius norms from the Gram matrices, no d x d matrix
+            out["mlp_fro"] = mlp_frobenius_gram(bp, config, xin, inp.get("grams"))
+    return new_carry, out
+
+
+def _per_layer(params, prefix: KVCache, x, entry, key, grams, config: ModelConfig,
+               opts: SweepOptions):
+    """Every per-layer family (and product) over every layer, in one ``lax.scan``; layers before
+    the first block after the entry are skipped (NaN rows)."""
+    N, d = x.shape
+    L = config.n_layer
+    pre, mid = _path_inputs(params, config, prefix, x, entry)
+    xs = dict(i=jnp.arange(L), bp=params["blocks"], keys=prefix.keys, values=prefix.values,
+              pre=pre, mid=mid, key=jax.random.split(key, L))
+    if opts.gram_fro("mlp") and grams is not None:
+        xs["grams"] = {"M": grams["M"]}
+    carry0 = {f: jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (N, d, d))
+              for f in opts.product_families}
+    run = functools.partial(_layer_results, prefix=prefix, config=config, opts=opts,
+                            dtype=x.dtype)
+    first = sites_lib.first_block(entry)
+
+    def body(carry, inp):
+        shapes = jax.eval_shape(run, carry, inp)[1]
+        nan = lambda c, i: (c, jax.tree_util.tree_map(
+            lambda sd: jnp.full(sd.shape, jnp.nan, sd.dtype), shapes))
+        return jax.lax.cond(inp["i"] >= first, run, nan, carry, inp)
+
+    return jax.lax.scan(body, carry0, xs)[1]
+
+
+def _cumulative(params, prefix: KVCache, x, entry, config: ModelConfig, opts: SweepOptions):
+    """End-to-end Jacobians ``d resid_post[l] / d x`` at every depth and step, reduced;
+    ``[L, N, ...]`` with NaN rows upstream of the entry."""
+    g = _cumulative_raw(params, config, prefix, entry)
+    cstep = lambda xi: _reduced("cumulative", jax.jacfwd(g)(xi), opts.dense_stats(False), opts)
+    cum = jax.lax.map(cstep, x, batch_size=min(opts.batch_size, x.shape[0]))  # [N, L, ...]
+    L = config.n_layer
+    upstream = jnp.arange(L) < sites_lib.first_block(entry)
+    return {k: jnp.where(upstream.reshape((L,) + (1,) * (v.ndim - 1)), jnp.nan, v)
+            for k, v in ((k, jnp.swapaxes(v, 0, 1)) for k, v in cum.items())}
+
+
 def _sweep_impl(params, prefix: KVCache, x, entry, key, grams, config: ModelConfig,
                 opts: SweepOptions):
     """All outputs with a leading axis over every layer (rows before the first layer after the
     entry are NaN) and the steps second."""
-    N, d = x.shape
-    L = config.n_layer
-    first = entry // 2  # entries are resid_pre (2l) or resid_post (2l + 2)
-    mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))
-    iv = core.record_layers({"hook_resid_pre": range(L), mlp_in: range(L)}, L)
-    _, rec = core.continue_from(params, config, prefix, x[None], entry, iv)
-    use_gram = "mlp" in opts.families and opts.mlp_method == "gram" and "fro" in opts.stats
-    xs = dict(i=jnp.arange(L), bp=params["blocks"], keys=prefix.keys, values=prefix.values,
-              pre=rec["hook_resid_pre"][:, 0], mid=rec[mlp_in][:, 0],
-              key=jax.random.split(key, L))
-    if use_gram and grams is not None:
-        xs["grams"] = grams["M"]
-    prod_fams = tuple(f for f in ("mlp", "attn") if opts.products and f in opts.families)
-    carry0 = {f: jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (N, d, d)) for f in prod_fams}
-    power = opts.spec_method == "power" and "spec" in opts.stats
-    dstats = opts.dense_stats(matrix_free_spec=power)
-
-    def layer_results(carry, inp):
-        out, new_carry = {}, {}
-        bp = inp["bp"]
-        ctx = layers.Context(inp["keys"], inp["values"], prefix.mask)
-        for fam in opts.families:
-            f = _family_fn_raw(fam, bp, config, ctx, prefix.length)
-            xin = inp["mid"] if fam == "mlp" else inp["pre"]
-            dense = opts.needs_dense(fam)
-            has_prod = fam in prod_fams
-            closed = dense and fam == "mlp" and opts.mlp_method != "autodiff"
-            # per layer, outside the loop over steps (see jacobian_operands)
-            ops = jacobian_operands(bp, config, x.dtype) if closed else None
-
-            def step(args, f=f, fam=fam, dense=dense, has_prod=has_prod, closed=closed, ops=ops):
-                xi, ki, Pi = args
-                res = {}
-                if dense:
-                    if closed:
-                        J = mlp_jacobian(bp, config, xi, ops)
-                    else:
-                        J = jax.jacfwd(f)(xi)
-                    res.update({f"{fam}_{k}": v for k, v in reduce_dense(J, dstats, opts.top_k).items()
-                                if not (k == "fro" and fam == "mlp" and use_gram)})
-                    if fam in opts.full:
-                        res[f"{fam}_full"] = J
-                    if has_prod:
-                        Pn = J @ Pi
-                        res.update({f"product_{fam}_{k}": v
-                                    for k, v in reduce_dense(Pn, opts.dense_stats(False),
-                                                             opts.top_k).items()})
-                        res["_P"] = Pn
-                        if f"product_{fam}" in opts.full:
-                            res[f"product_{fam}_full"] = Pn
-                k1, k2 = jax.random.split(ki)
-                if power:
-                    res[f"{fam}_spec"] = power_spectral_norm(f, xi, k1, opts.power_iters)
-                if "fro_hutch" in opts.stats:
-                    est, se = hutchinson_frobenius(f, xi, k2, opts.probes)
-                    res[f"{fam}_fro_hutch"], res[f"{fam}_fro_hutch_se"] = est, se
-                return res
-
-            step_keys = jax.random.split(jax.random.fold_in(inp["key"], FAMILIES.index(fam)), N)
-            P = carry[fam] if has_prod else jnp.zeros((N, 0), x.dtype)
-            res = jax.lax.map(step, (xin, step_keys, P), batch_size=min(opts.batch_size, N))
-            if has_prod:
-                new_carry[fam] = res.pop("_P")
-            out.update(res)
-            if fam == "mlp" and use_gram:
-                out["mlp_fro"] = mlp_frobenius_gram(bp, config, xin, (
-                    {"M": inp["grams"]} if "grams" in inp else None))
-        return new_carry, out
-
-    def body(carry, inp):
-        shapes = jax.eval_shape(layer_results, carry, inp)[1]
-        nan = lambda c, i: (c, jax.tree_util.tree_map(
-            lambda sd: jnp.full(sd.shape, jnp.nan, sd.dtype), shapes))
-        return jax.lax.cond(inp["i"] >= first, layer_results, nan, carry, inp)
-
-    _, per_layer = jax.lax.scan(body, carry0, xs)
-
+    out = _per_layer(params, prefix, x, entry, key, grams, config, opts)
     if opts.cumulative:
-        g = _cumulative_raw(params, config, prefix, entry)
-
-        def cstep(xi):
-            J = jax.jacfwd(g)(xi)  # [L, d, d]
-            res = {f"cumulative_{k}": v for k, v in reduce_dense(J, opts.dense_stats(False),
-                                                                 opts.top_k).items()}
-            if "cumulative" in opts.full:
-                res["cumulative_full"] = J
-            return res
-
-        cum = jax.lax.map(cstep, x, batch_size=min(opts.batch_size, N))
-        upstream = jnp.arange(L) < first
-        per_layer.update({k: jnp.where(upstream.reshape((L,) + (1,) * (v.ndim - 1)), jnp.nan, v)
-                          for k, v in ((k, jnp.swapaxes(v, 0, 1)) for k, v in cum.items())})
-    return per_layer
+        out.update(_cumulative(params, prefix, x, entry, config, opts))
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "opts", "precision"))
@@ -339,7 +375,7 @@ def _sweep_jit(params, prefix, x, entry, key, grams, config, opts, precision):
 
 def _check_site(site):
     if site not in ("resid_post", "resid_pre"):
-        raise ValueError(f"site={site!r}: Jacobian sweeps start at 'resid_post' (the study) or "
+        raise ValueError(f"site={site!r}: Jacobian sweeps enter at 'resid_post' (the study) or "
                          "'resid_pre'.")
 
 
@@ -370,7 +406,7 @@ def mlp_grams_for(model: Model, layers: Optional[Sequence[int]] = None) -> Dict[
 
 def sweep_layers(config: ModelConfig, layer: int, site: str = "resid_post") -> np.ndarray:
     """Layer index of each row of the per-layer outputs of :func:`jacobian_sweep`."""
-    return np.arange(_first_layer(layer, site), config.n_layer)
+    return np.arange(sites_lib.first_layer_after(layer, site), config.n_layer)
 
 
 def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "resid_post", *,
@@ -385,7 +421,8 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
       model, prefix: the model and the shared context's keys/values (:func:`run_prefix`).
       x: ``[N, d]`` path values of ``blocks.{layer}.hook_{site}`` (e.g. from
         :func:`plateau_jax.plateaus.paths.interpolate`).
-      layer, site: where the path is fed in ("resid_post" as in the study, or "resid_pre").
+      layer, site: where the path is fed in: the entry site (a residual component),
+        "resid_post" as in the study, or "resid_pre".
       options: a :class:`SweepOptions`, or its fields as keyword arguments.
       grams: every layer's Gram matrix from :func:`mlp_grams_for` (``mlp_method="gram"``),
         reusable across prompt pairs; computed inside the call when None.
@@ -412,7 +449,7 @@ def jacobian_sweep(model: Model, prefix: KVCache, x, layer: int, site: str = "re
     x = jnp.asarray(x, model.dtype)
     if x.ndim != 2 or x.shape[1] != cfg.d_model or x.shape[0] < 1:
         raise ValueError(f"x must have shape [N, {cfg.d_model}]; got {x.shape}.")
-    first = _first_layer(layer, site)
+    first = sites_lib.first_layer_after(layer, site)
     if first >= cfg.n_layer:
         raise ValueError(f"no layer follows blocks.{layer}.hook_{site} (the last layer); pick an "
                          f"earlier layer (0..{cfg.n_layer - 2}) or site='resid_pre'.")

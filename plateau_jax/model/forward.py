@@ -225,7 +225,7 @@ def forward(model: Model, tokens, sites: Sequence[str] = (), patches: Optional[M
     Args:
       model: a :class:`~plateau_jax.model.model.Model`.
       tokens: int ids ``[batch, T]`` or ``[T]`` (treated as batch 1).
-      sites: activation names to record; only these are kept.
+      sites: full site names to record (e.g. ``blocks.3.hook_resid_post``); only these are kept.
       patches, swaps: interventions (see the module docstring).
 
     Returns:
@@ -303,7 +303,8 @@ def embed_next_token(model: Model, cache: KVCache, token_ids) -> Array:
 def continue_from(model: Model, cache: KVCache, x, layer: int, site: str = "resid_post",
                   sites: Sequence[str] = (), patches: Optional[Mapping] = None,
                   swaps: Optional[Mapping[str, Callable]] = None):
-    """Runs only the next position, from a residual site of ``layer`` to the logits.
+    """Runs only the next position, from an entry site (a residual component) of ``layer`` to
+    the logits.
 
     The context's keys/values come from ``cache``; each row of ``x`` is one value of
     ``blocks.{layer}.hook_{site}`` at the next position. Cost per row is one token's compute
@@ -313,8 +314,10 @@ def continue_from(model: Model, cache: KVCache, x, layer: int, site: str = "resi
     Args:
       cache: from :func:`run_prefix`.
       x: ``[N, d]`` replacement vectors (cache of one context) or ``[B, N, d]``.
-      layer, site: where to enter: site in ("resid_pre", "resid_mid", "resid_post").
-      sites: activations to record; they must lie at or after the entry site.
+      layer, site: where to enter: the entry site, a residual component ("resid_pre",
+        "resid_mid", "resid_post").
+      sites: full site names to record (e.g. ``blocks.3.hook_resid_post``); they must lie at or
+        after the entry site.
       patches: ``{site: [N, X]}`` per-row replacements downstream (e.g. frozen mlp_out).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Building interventions: frozen components, replaced blocks, linearised MLPs.
+"""Building interventions: frozen sublayer outputs, replaced blocks, linearised MLPs.
 
 All of these return new values (patch dicts, param trees, functions); nothing is mutated.
 """
@@ -13,25 +13,30 @@ import jax.numpy as jnp
 from plateau_jax.model import layers
 from plateau_jax.model.config import ModelConfig
 from plateau_jax.model.params import block_params, replace_block  # noqa: F401 (re-exported)
-from plateau_jax.model.sites import check_layer, site_name
-
-COMPONENTS = ("attn", "mlp")
+from plateau_jax.model.sites import SUBLAYERS, check_layer, site_name
 
 
-def freeze(component: str, values: Mapping[int, jax.Array], config: ModelConfig):
-    """Patches that hold ``blocks.{i}.hook_{component}_out`` at given values.
+def check_sublayer(sublayer: str) -> str:
+    """``sublayer`` if it is one of :data:`~plateau_jax.model.sites.SUBLAYERS` ("attn", "mlp")."""
+    if sublayer not in SUBLAYERS:
+        raise ValueError(f"freeze sublayer {sublayer!r}: expected one of {SUBLAYERS} (its "
+                         "hook_attn_out or hook_mlp_out is held).")
+    return sublayer
+
+
+def freeze(sublayer: str, values: Mapping[int, jax.Array], config: ModelConfig):
+    """Patches that hold ``blocks.{i}.hook_{sublayer}_out`` at given values.
 
     Args:
-      component: "attn" or "mlp".
+      sublayer: "attn" or "mlp".
       values: ``{layer: value}``, each ``[d]`` (same for every row) or ``[batch, d]``.
 
     Returns:
       a patch dict for :func:`plateau_jax.forward` (last position) or
       :func:`plateau_jax.continue_from` (every row).
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"freeze component {component!r}: expected one of {COMPONENTS}.")
-    return {site_name(check_layer(int(i), config), f"{component}_out"): v
+    check_sublayer(sublayer)
+    return {site_name(check_layer(int(i), config), f"{sublayer}_out"): v
             for i, v in values.items()}
 
 

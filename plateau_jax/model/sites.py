@@ -1,9 +1,18 @@
 """Activation-site names (TransformerLens legacy hook names): validation, order, shapes.
 
-A full site name is ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_normalized`` or
-``blocks.{layer}.{local}`` with ``local`` one of :data:`BLOCK_SITES`. Where a computation enters
-the model is an *entry*: a residual site (``resid_pre``, ``resid_mid``, ``resid_post``) of a
-layer, numbered in half-blocks (:func:`entry_index`) so that it can be a runtime value.
+One meaning per word:
+
+* a *site* is a full hook name: ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_normalized``
+  or ``blocks.{layer}.{local}`` with ``local`` one of :data:`BLOCK_SITES` (``sites=`` arguments
+  take these);
+* a *component* is a per-layer name, short (``"resid_post"``, ``"mlp_pre"``, ...:
+  :data:`SHORT_NAMES`) or local (``"mlp.hook_pre"``); ``site_name(layer, component)`` makes a
+  site of it and :func:`local_name` its local form;
+* a *sublayer* is ``"attn"`` or ``"mlp"`` (:data:`SUBLAYERS`), whose output
+  ``hook_{sublayer}_out`` can be frozen;
+* an *entry site* is a residual component (:data:`RESIDUAL_SITES`) of a layer where a vector
+  enters the model (the ``site=`` argument of continuations, interpolation runs and Jacobian
+  sweeps), numbered in half-blocks (:func:`entry_index`) so that it can be a runtime value.
 """
 
 from __future__ import annotations
@@ -27,7 +36,12 @@ BLOCK_SITES = tuple(name for name, _ in _BLOCK)
 HALF = dict(_BLOCK)
 GLOBAL_SITES_IN = ("hook_embed", "hook_pos_embed")
 GLOBAL_SITES_OUT = ("ln_final.hook_normalized",)
+# Entry sites: the residual components, in half-block order (see entry_index).
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+# Per-layer components with one vector per position (d_model or d_mlp wide), in execution order:
+# what interpolation runs record by default and the sweep measures.
+VECTOR_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+SUBLAYERS = ("attn", "mlp")
 # Short names accepted wherever a per-layer component is asked for.
 SHORT_NAMES = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
                "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
@@ -120,17 +134,32 @@ def check_layer(layer, config: ModelConfig, what: str = "layer") -> int:
 
 # ----------------------------------------------------------------------------- order
 
-def entry_index(layer: int, site: str, config: ModelConfig) -> int:
+def _half_index(layer: int, site: str, what: str = "entry") -> int:
+    if site not in RESIDUAL_SITES:
+        raise ValueError(f"{what} site {site!r}: expected one of {RESIDUAL_SITES} (a residual "
+                         "component, where a vector can enter the model).")
+    return 2 * int(layer) + RESIDUAL_SITES.index(site)
+
+
+def entry_index(layer: int, site: str, config: ModelConfig, what: str = "entry") -> int:
     """Half-block index of an entry point: ``2 layer`` for resid_pre, ``2 layer + 1`` for
     resid_mid, ``2 layer + 2`` for resid_post (the next layer's resid_pre). Blocks whose
-    attention half has index >= the entry run; the rest are skipped."""
-    check_layer(layer, config)
-    if site not in RESIDUAL_SITES:
-        raise ValueError(f"entry site {site!r}: expected one of {RESIDUAL_SITES}.")
+    attention half has index >= the entry run; the rest are skipped. ``what`` names the entry
+    in error messages (e.g. "interpolation")."""
+    check_layer(layer, config, what="layer" if what == "entry" else f"{what} layer")
+    index = _half_index(layer, site, what)
     if site == "resid_mid" and not config.has_resid_mid:
         raise ValueError("this model has a parallel residual: there is no resid_mid to enter at; "
                          "use resid_pre or resid_post.")
-    return 2 * layer + RESIDUAL_SITES.index(site)
+    return index
+
+
+def _sequential_index(layer: int, local: str) -> int:
+    """:func:`site_index` of a block site in a block whose halves run one after the other."""
+    half = HALF[local]
+    if half == "resid":
+        return 2 * layer + {"hook_resid_pre": 0, "hook_resid_mid": 1, "hook_resid_post": 2}[local]
+    return 2 * layer + (1 if half == "mlp" else 0)
 
 
 def site_index(layer: int, local: str, config: ModelConfig) -> int:
@@ -138,15 +167,32 @@ def site_index(layer: int, local: str, config: ModelConfig) -> int:
     a site can be recorded or patched by a call entering at ``e`` iff its index is >= ``e``."""
     if layer < 0:
         return -1 if local in GLOBAL_SITES_IN else 2 * config.n_layer + 1
-    half = HALF[local]
-    if half == "resid":
-        return 2 * layer + {"hook_resid_pre": 0, "hook_resid_mid": 1, "hook_resid_post": 2}[local]
-    return 2 * layer + (1 if half == "mlp" and not config.parallel_residual else 0)
+    if config.parallel_residual and HALF[local] == "mlp":
+        return 2 * layer  # the MLP reads resid_pre, beside the attention
+    return _sequential_index(layer, local)
+
+
+def upstream_of_entry(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
+    """Whether ``component`` of ``layer`` is computed before the entry site
+    ``blocks.{entry_layer}.hook_{entry_site}``, so that a continuation entering there never
+    computes it (earlier layers, and resid_pre and the attention half of a layer entered at
+    resid_mid). The rule of :func:`site_index` ``<`` :func:`entry_index`; no config is needed:
+    with a parallel residual there is no resid_mid entry, and the MLP's place beside or after
+    the attention does not matter for the other entries."""
+    return (_sequential_index(layer, local_name(component))
+            < _half_index(entry_layer, entry_site))
+
+
+def first_block(entry):
+    """First block that (partly) runs when entering at half-block ``entry``: ``entry // 2``
+    (ints and traced values alike)."""
+    return entry // 2
 
 
 def first_layer_after(layer: int, site: str) -> int:
-    """First block that runs after entering at ``blocks.{layer}.hook_{site}``."""
-    return layer + 1 if site == "resid_post" else layer
+    """First block that runs after entering at ``blocks.{layer}.hook_{site}``: ``layer + 1``
+    for resid_post, ``layer`` for resid_pre and resid_mid."""
+    return first_block(_half_index(layer, site))
 
 
 def group_by_local(names: Iterable[str], config: ModelConfig) -> Tuple[Dict[str, List[int]], List[str]]:

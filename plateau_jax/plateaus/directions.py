@@ -61,6 +61,7 @@ from jax.sharding import Mesh
 
 from plateau_jax import files
 from plateau_jax.model import core
+from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus.reference import batch_rows, check_site, pad_prompts, sharded
@@ -207,11 +208,6 @@ def perturbed(base, directions, steps):
     return base[:, None, None, :] + steps[None, None, :, None] * directions[:, :, None, :]
 
 
-def _kl_rows(lp0, lp):
-    """``KL(p0 || p)`` over the last axis of log-probabilities (nats)."""
-    return jnp.sum(jnp.exp(lp0) * (lp0 - lp), axis=-1)
-
-
 def response(params, cfg, cache, base, directions, steps, entry) -> Dict[str, jax.Array]:
     """The model's response to ``x + s u`` for every base point, direction and step.
 
@@ -238,18 +234,20 @@ def response(params, cfg, cache, base, directions, steps, entry) -> Dict[str, ja
     logits, rec = core.continue_from(params, cfg, cache, x.reshape(B, M * T, d).astype(dtype),
                                      entry, iv)
     logits = logits.astype(jnp.float32).reshape(B, M, T, -1)
-    lp = jax.nn.log_softmax(logits, axis=-1)
+    lp = metrics.log_softmax(logits)
     y = rec["hook_resid_post"].astype(jnp.float32).reshape(L, B, M, T, d)
-    # Layers before the first block that runs (entry // 2) are not downstream: NaN (the
-    # resid_post just before a resid_pre entry is the input itself).
-    later = (jnp.arange(L) >= entry // 2)[:, None, None, None]
-    norm = lambda v: jnp.moveaxis(jnp.where(later, jnp.linalg.norm(v, axis=-1), jnp.nan), 0, -1)
+    # Layers before the first block that runs are not downstream: NaN (the resid_post just
+    # before a resid_pre entry is the input itself).
+    later = (jnp.arange(L) >= sites_lib.first_block(entry))[:, None, None, None]
+    per_layer = lambda v: jnp.moveaxis(jnp.where(later, v, jnp.nan), 0, -1)  # [B, M, T, L]
+    dist, dist_end = metrics.endpoint_distances(y)
+    logit_dist, logit_dist_end = metrics.endpoint_distances(logits)
     return dict(
-        kl=_kl_rows(lp[:, :, :1], lp),
-        dist=norm(y - y[..., :1, :]),
-        dist_end=norm(y - y[..., -1:, :]),
-        logit_dist=jnp.linalg.norm(logits - logits[:, :, :1], axis=-1),
-        logit_dist_end=jnp.linalg.norm(logits - logits[:, :, -1:], axis=-1),
+        kl=metrics.kl_from_log_probs(lp[:, :, :1], lp),
+        dist=per_layer(dist),
+        dist_end=per_layer(dist_end),
+        logit_dist=logit_dist,
+        logit_dist_end=logit_dist_end,
         top=jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
@@ -289,8 +287,7 @@ class Responses:
         not downstream, and at t = 0 and t_max of a curve whose endpoints coincide)."""
         da = np.concatenate([self.dist, self.logit_dist[..., None]], axis=-1)
         db = np.concatenate([self.dist_end, self.logit_dist_end[..., None]], axis=-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return da / (da + db)
+        return metrics.relative_from_distances(da, db)
 
     def sharpness(self) -> np.ndarray:
         """``[B, M, L + 1]``: S of each r curve over the normalised length ``t / t_max`` (1 for
@@ -401,14 +398,14 @@ def sensitive_search(params, cfg, cache, base, init, radius, entry, *, steps: in
         y = (jax.lax.dynamic_index_in_dim(rec["hook_resid_post"], target_layer, 0,
                                           keepdims=False).astype(jnp.float32)
              if objective == "distance" else None)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), y
+        return metrics.log_softmax(logits.astype(jnp.float32)), y
 
     lp0, y0 = jax.lax.stop_gradient(run(base[:, None, :]))
 
     def values(u):
         lp, y = run(base[:, None, :] + radius * u)
         if objective == "kl":
-            return _kl_rows(lp0, lp)
+            return metrics.kl_from_log_probs(lp0, lp)
         return jnp.linalg.norm(y - y0, axis=-1)
 
     def total(u):
@@ -485,7 +482,6 @@ def find_sensitive_directions(model: Model, prompts, base, layer: int, site: str
                          f"{learning_rate}, {length}.")
     target_layer = cfg.n_layer - 1 if target_layer is None else int(target_layer)
     if objective == "distance":
-        from plateau_jax.model import sites as sites_lib
         first = sites_lib.first_layer_after(layer, site)
         if not first <= target_layer < cfg.n_layer:
             raise ValueError(f"target layer {target_layer} is not downstream of "

@@ -11,23 +11,27 @@ Shapes: ``batch`` is the leading shape of the endpoints ``a``/``b`` (``[d]`` giv
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.core import KVCache
-from plateau_jax.model.forward import continue_stacked, embed_next_token
-from plateau_jax.model.interventions import COMPONENTS
+from plateau_jax.model.forward import as_ids, continue_stacked
+from plateau_jax.model.interventions import check_sublayer
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import paths as paths_lib
 
-# Per-layer components recorded by default (short site names, see plateau_jax.sites); a model
-# with a parallel residual records resid_pre instead of resid_mid (:func:`default_components`).
-DEFAULT_COMPONENTS = ("attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+# Per-layer components recorded by default (short names, in execution order; see
+# plateau_jax.model.sites); a model with a parallel residual records resid_pre instead of
+# resid_mid (:func:`default_components`).
+DEFAULT_COMPONENTS = sites_lib.VECTOR_COMPONENTS
 FREEZE_MODES = ("mean", "endpoint_a", "linear")
-_FREEZABLE = ("hook_attn_out", "hook_mlp_out")
+_FREEZABLE = tuple(sites_lib.local_name(f"{s}_out") for s in sites_lib.SUBLAYERS)
 
 
 class NonFiniteError(FloatingPointError):
@@ -63,12 +67,6 @@ def default_components(config) -> Tuple[str, ...]:
     return tuple(mlp_in if c == "resid_mid" else c for c in DEFAULT_COMPONENTS)
 
 
-def component_site(layer: int, component: str) -> str:
-    """``component_site(3, "mlp_pre") == "blocks.3.mlp.hook_pre"`` (see
-    :func:`plateau_jax.model.sites.site_name`)."""
-    return sites_lib.site_name(layer, component)
-
-
 def check_alpha(alpha) -> np.ndarray:
     """A valid alpha grid: 1-D, >= 2 values, strictly increasing, from exactly 0 to exactly 1
     (the endpoints are the two prompts); uniform or not. Returns it as float64."""
@@ -83,38 +81,72 @@ def check_alpha(alpha) -> np.ndarray:
     return alpha
 
 
-first_downstream_layer = sites_lib.first_layer_after
+# ----------------------------------------------------------------------------- endpoints
+
+def residual_stream(params, cfg, cache: KVCache, tokens):
+    """The residual stream of tokens ``[B, M]`` placed right after each cached context, at every
+    entry point: ``[2 L + 1, B, M, d]``, row ``e`` the value at half-block index ``e``
+    (:func:`plateau_jax.model.sites.entry_index`): row 0 is ``blocks.0.hook_resid_pre``, row
+    ``2 l + 1`` ``blocks.l.hook_resid_mid`` (NaN with a parallel residual, which has none) and row
+    ``2 l + 2`` ``blocks.l.hook_resid_post`` (= ``blocks.l+1.hook_resid_pre``). Pure: composes
+    with ``jit`` and ``vmap``."""
+    L = cfg.n_layer
+    x0 = core.embed_next(params, cfg, cache, tokens)
+    record = {"hook_resid_post": range(L)}
+    if cfg.has_resid_mid:
+        record["hook_resid_mid"] = range(L)
+    _, rec = core.continue_from(params, cfg, cache, x0, 0, core.record_layers(record, L))
+    post = rec["hook_resid_post"]
+    mid = rec["hook_resid_mid"] if cfg.has_resid_mid else jnp.full_like(post, jnp.nan)
+    halves = jnp.stack([mid, post], axis=1).reshape((2 * L,) + post.shape[1:])
+    return jnp.concatenate([x0[None].astype(post.dtype), halves])
 
 
-def _width(component: str, config) -> int:
-    return config.d_mlp if sites_lib.local_name(component).startswith("mlp.") else config.d_model
+def endpoints(params, cfg, cache: KVCache, tokens, entry):
+    """The value of the entry site(s) ``entry`` (half-block indices, a runtime int32 scalar or
+    array ``[K]``) for tokens ``[B, M]`` after each cached context: ``entry.shape + [B, M, d]``.
+    These are the interpolation endpoints (alpha = 0 and 1) of prompts that share a context.
+    Traceable; :func:`endpoint_activations` is the host API."""
+    return jnp.take(residual_stream(params, cfg, cache, tokens), entry, axis=0)
 
 
-def _upstream(layer: int, component: str, entry_layer: int, entry_site: str) -> bool:
-    """Whether ``component`` of ``layer`` (a layer at or after the entry's) runs before the entry
-    point, so cannot be recorded: the attention half of the layer entered at resid_mid."""
-    local = sites_lib.local_name(component)
-    return (layer == entry_layer and entry_site == "resid_mid"
-            and (sites_lib.HALF[local] == "attn" or local == "hook_resid_pre"))
+@functools.partial(jax.jit, static_argnames=("cfg", "precision"))
+def _endpoints_jit(params, cache, tokens, entries, cfg, precision):
+    with jax.default_matmul_precision(precision):
+        return endpoints(params, cfg, cache, tokens, entries)
 
 
 def endpoint_activations(model: Model, cache: KVCache, tokens, layers: Sequence[int],
                          site: str = "resid_post") -> np.ndarray:
-    """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token, in one call.
+    """Last-position ``blocks.{l}.hook_{site}`` of ``context + token`` for each token and each
+    layer ``l``, in one call (:func:`endpoints`).
 
     Args:
-      cache: the context's cache (one context).
-      tokens: int ids ``[M]`` of endings.
+      cache: the context's cache: one context (then ``tokens`` is ``[M]``) or ``B`` contexts
+        (``tokens`` ``[B, M]``).
+      tokens: int ids of endings.
       layers: layers to record.
+      site: the entry site (a residual component: resid_pre, resid_mid or resid_post).
 
     Returns:
-      ``[len(layers), M, d]`` (residual units).
+      ``[len(layers), M, d]`` (``[len(layers), B, M, d]`` for ``[B, M]`` tokens), residual units.
     """
-    layers = [sites_lib.check_layer(int(l), model.config) for l in layers]
-    x0 = embed_next_token(model, cache, np.asarray(tokens, np.int32))
-    _, rec = continue_stacked(model, cache, x0, 0, "resid_pre", record={site: layers})
-    return np.asarray(rec[site])[:, 0]
+    cfg = model.config
+    entries = [sites_lib.entry_index(sites_lib.check_layer(int(l), cfg), site, cfg)
+               for l in layers]
+    ids = np.asarray(tokens)
+    squeeze = ids.ndim == 1
+    if ids.ndim not in (1, 2) or not ids.size or (
+            cache.batch != 1 if squeeze else ids.shape[0] != cache.batch):
+        raise ValueError(f"tokens must have shape [M] for a cache of one context or [B, M] for "
+                         f"a cache of B contexts; got {ids.shape} for a cache of {cache.batch}.")
+    ids, _ = as_ids(ids.reshape(cache.batch, -1), cfg)  # range and type checks
+    out = np.asarray(_endpoints_jit(model.params, cache, ids, np.asarray(entries, np.int32), cfg,
+                                    model.matmul_precision))
+    return out[:, 0] if squeeze else out
 
+
+# ----------------------------------------------------------------------------- runs
 
 @dataclasses.dataclass(frozen=True)
 class InterpolationRun:
@@ -161,22 +193,21 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
         :func:`endpoint_activations`.
       alpha: ``[n]`` grid (see :func:`check_alpha`).
       path: "slerp" or "linear" (:func:`plateau_jax.paths.interpolate`).
-      site: "resid_post" (default), "resid_pre" or "resid_mid".
+      site: the entry site (a residual component): "resid_post" (default), "resid_pre" or
+        "resid_mid".
       components: per-layer components to record (short names; default
         :func:`default_components`).
       layers: downstream layers to record (default: every layer from
-        :func:`first_downstream_layer` on).
+        :func:`plateau_jax.model.sites.first_layer_after` on).
       logits: also return the logits.
       patches: ``{site: batch + (n, X)}`` per-step replacements, e.g. :func:`freeze_patches`.
       check_finite: raise :class:`NonFiniteError` naming the first step and layer with NaN/Inf.
     """
     cfg = model.config
-    sites_lib.check_layer(layer, cfg, what="interpolation layer")
-    if site not in sites_lib.RESIDUAL_SITES:
-        raise ValueError(f"interpolation site {site!r}: expected one of {sites_lib.RESIDUAL_SITES}.")
+    sites_lib.entry_index(layer, site, cfg, what="interpolation")
     alpha = check_alpha(alpha)
     components = default_components(cfg) if components is None else tuple(components)
-    first = first_downstream_layer(layer, site)
+    first = sites_lib.first_layer_after(layer, site)
     layers = tuple(range(first, cfg.n_layer)) if layers is None else tuple(int(l) for l in layers)
     bad = [l for l in layers if not first <= l < cfg.n_layer]
     if bad:
@@ -238,18 +269,16 @@ def check_run_finite(run: InterpolationRun) -> None:
         raise NonFiniteError(f"NaN/Inf in the interpolated input at step {k} (alpha="
                              f"{run.alpha[k]:.4g}) {where}: the path of finite endpoints "
                              f"overflowed its dtype{hint}")
-    forward_order = ("resid_pre",) + DEFAULT_COMPONENTS
-    order = [c for c in forward_order if c in run.acts] + [
-        c for c in run.acts if c not in forward_order]
+    order = sorted(run.acts, key=lambda c: sites_lib.BLOCK_SITES.index(sites_lib.local_name(c)))
     for j, layer in enumerate(run.layers):
         for c in order:
-            if _upstream(layer, c, run.layer, run.site):
+            if sites_lib.upstream_of_entry(layer, c, run.layer, run.site):
                 continue
             k = first_bad(run.acts[c][..., j, :, :])
             if k is not None:
                 raise NonFiniteError(
                     f"NaN/Inf at step {k} (alpha={run.alpha[k]:.4g}) in layer {layer} "
-                    f"({component_site(layer, c)}) {where}{hint}")
+                    f"({sites_lib.site_name(layer, c)}) {where}{hint}")
     if run.logits is not None:
         k = first_bad(run.logits)
         if k is not None:
@@ -257,7 +286,7 @@ def check_run_finite(run: InterpolationRun) -> None:
                                  f"{where}{hint}")
 
 
-def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
+def freeze_patches(run: InterpolationRun, sublayer: str, mode: str = "mean",
                    layers: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """Patches that freeze ``attn_out`` or ``mlp_out`` at the last position, from a clean run.
 
@@ -268,29 +297,28 @@ def freeze_patches(run: InterpolationRun, component: str, mode: str = "mean",
     * ``"endpoint_a"``: ``v_0`` at every step;
     * ``"linear"``: ``v_0 + alpha_k (v_{n-1} - v_0)``, the straight line between the endpoints.
 
-    ``component`` is "attn" or "mlp" (``run`` must have recorded ``{component}_out``).
+    ``sublayer`` is "attn" or "mlp" (``run`` must have recorded ``{sublayer}_out``).
     Returns ``{site: batch + (n, d)}`` for :func:`interpolation_run`'s ``patches``.
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"freeze component {component!r}: expected one of {COMPONENTS}.")
+    check_sublayer(sublayer)
     if mode not in FREEZE_MODES:
         raise ValueError(f"Unknown freeze mode {mode!r}; choose one of {FREEZE_MODES}.")
-    key = f"{component}_out"
+    key = f"{sublayer}_out"
     if key not in run.acts:
-        raise ValueError(f"freezing {component!r} needs a run that recorded {key!r} "
+        raise ValueError(f"freezing {sublayer!r} needs a run that recorded {key!r} "
                          "(components 'attn_out' and 'mlp_out' are recorded by default).")
     layers = run.layers if layers is None else tuple(int(l) for l in layers)
     alpha = np.asarray(run.alpha, run.acts[key].dtype)[:, None]
     values = {}
     for l in layers:
-        if _upstream(l, key, run.layer, run.site):
-            continue  # entering at resid_mid skips that layer's attention
         v = run.act(key, l)  # batch + (n, d)
+        if sites_lib.upstream_of_entry(l, key, run.layer, run.site):
+            continue  # entering at resid_mid skips that layer's attention
         if mode == "mean":
             f = np.mean(v, axis=-2, keepdims=True)
         elif mode == "endpoint_a":
             f = v[..., :1, :]
         else:
             f = v[..., :1, :] + alpha * (v[..., -1:, :] - v[..., :1, :])
-        values[component_site(l, key)] = np.broadcast_to(f, v.shape)
+        values[sites_lib.site_name(l, key)] = np.broadcast_to(f, v.shape)
     return values

@@ -1,6 +1,6 @@
 """Interpolation paths between two residual vectors a (alpha=0) and b (alpha=1).
 
-Two implementations of the same paths:
+One formula per path (:func:`_slerp_formula`, ...), run two ways:
 
 * :func:`interpolate_host` (numpy, float64, on the host): what the plateau and Jacobian scripts
   and :func:`plateau_jax.plateaus.interpolation.interpolation_run` use. The path is computed in
@@ -44,20 +44,47 @@ def alpha_grid(n_steps: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, int(n_steps))
 
 
+# One formula per path, for numpy (the host, float64) and jax.numpy (traceable) alike: ``xp``.
+
+def _linear(xp, a, b, alpha):
+    return a[..., None, :] + alpha[:, None] * (b - a)[..., None, :]
+
+
+def _unit_angle(xp, ah, bh, keepdims: bool = False):
+    """``2 atan2(|a^ - b^|, |a^ + b^|)`` of unit vectors over the last axis."""
+    norm = lambda v: xp.linalg.norm(v, axis=-1, keepdims=keepdims)
+    return 2.0 * xp.arctan2(norm(ah - bh), norm(ah + bh))
+
+
+def _angle(xp, a, b):
+    return _unit_angle(xp, a / xp.linalg.norm(a, axis=-1, keepdims=True),
+                       b / xp.linalg.norm(b, axis=-1, keepdims=True))
+
+
+def _slerp_formula(xp, ah, bh, na, nb, theta, alpha, eps: float):
+    """The slerp with norm rescaling from unit vectors ``ah``, ``bh`` ``[..., 1, d]``, norms
+    ``na``, ``nb`` and angle ``theta`` ``[..., 1, 1]``, alpha ``[n, 1]`` -> ``[..., n, d]``;
+    below ``eps`` radians the normalised linear blend of the unit vectors."""
+    small = theta < eps
+    safe = xp.where(small, 1.0, xp.sin(theta))
+    wa = xp.where(small, 1.0 - alpha, xp.sin((1.0 - alpha) * theta) / safe)
+    wb = xp.where(small, alpha, xp.sin(alpha * theta) / safe)
+    direction = wa * ah + wb * bh
+    direction = xp.where(small, direction / xp.linalg.norm(direction, axis=-1, keepdims=True),
+                         direction)
+    return direction * ((1.0 - alpha) * na + alpha * nb)
+
+
 def linear(a, b, alpha):
     """``x = a + alpha (b - a)``; a, b ``[..., d]``, alpha ``[n]`` -> ``[..., n, d]``."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    alpha = jnp.asarray(alpha, a.dtype)
-    return a[..., None, :] + alpha[:, None] * (b - a)[..., None, :]
+    return _linear(jnp, a, b, jnp.asarray(alpha, a.dtype))
 
 
 def angle(a, b):
     """Angle between ``a`` and ``b`` ``[..., d] -> [...]`` in radians, ``2 atan2(|a^-b^|, |a^+b^|)``
     (JAX, traceable): accurate over the whole range [0, pi], also in float32."""
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    ah = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-    bh = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
-    return 2.0 * jnp.arctan2(jnp.linalg.norm(ah - bh, axis=-1), jnp.linalg.norm(ah + bh, axis=-1))
+    return _angle(jnp, jnp.asarray(a), jnp.asarray(b))
 
 
 def slerp(a, b, alpha, eps: float = _PARALLEL_ANGLE, tol: float = ANTIPARALLEL_TOL):
@@ -81,16 +108,8 @@ def slerp(a, b, alpha, eps: float = _PARALLEL_ANGLE, tol: float = ANTIPARALLEL_T
     na = jnp.linalg.norm(a, axis=-1, keepdims=True)[..., None, :]
     nb = jnp.linalg.norm(b, axis=-1, keepdims=True)[..., None, :]
     ah, bh = a[..., None, :] / na, b[..., None, :] / nb
-    theta = 2.0 * jnp.arctan2(jnp.linalg.norm(ah - bh, axis=-1, keepdims=True),
-                              jnp.linalg.norm(ah + bh, axis=-1, keepdims=True))
-    small = theta < eps
-    safe = jnp.where(small, 1.0, jnp.sin(theta))
-    wa = jnp.where(small, 1.0 - alpha, jnp.sin((1.0 - alpha) * theta) / safe)
-    wb = jnp.where(small, alpha, jnp.sin(alpha * theta) / safe)
-    direction = wa * ah + wb * bh
-    direction = jnp.where(small, direction / jnp.linalg.norm(direction, axis=-1, keepdims=True),
-                          direction)
-    x = direction * ((1.0 - alpha) * na + alpha * nb)
+    theta = _unit_angle(jnp, ah, bh, keepdims=True)
+    x = _slerp_formula(jnp, ah, bh, na, nb, theta, alpha, eps)
     return jnp.where(theta > math.pi - tol, jnp.nan, x)
 
 
@@ -107,10 +126,7 @@ def interpolate(a, b, alpha, path: str = "slerp"):
 
 def angle_host(a, b) -> np.ndarray:
     """:func:`angle` in numpy float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ah = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    bh = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return 2.0 * np.arctan2(np.linalg.norm(ah - bh, axis=-1), np.linalg.norm(ah + bh, axis=-1))
+    return _angle(np, np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
 def _first(mask) -> "tuple | None":
@@ -146,16 +162,8 @@ def slerp_host(a, b, alpha, tol: float = ANTIPARALLEL_TOL) -> np.ndarray:
             f"within {tol:g} rad ({math.degrees(tol):.3g} degrees) of antiparallel: slerp has no "
             "well-defined great circle there. Use --path=linear (or other endpoints).")
     ah, bh = (a / na)[..., None, :], (b / nb)[..., None, :]
-    theta = theta[..., None, :]
-    small = theta < _PARALLEL_ANGLE
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sin = np.sin(theta)
-        wa = np.where(small, 1.0 - alpha, np.sin((1.0 - alpha) * theta) / sin)
-        wb = np.where(small, alpha, np.sin(alpha * theta) / sin)
-    direction = wa * ah + wb * bh
-    direction = np.where(small, direction / np.linalg.norm(direction, axis=-1, keepdims=True),
-                         direction)
-    return direction * ((1.0 - alpha) * na[..., None, :] + alpha * nb[..., None, :])
+    return _slerp_formula(np, ah, bh, na[..., None, :], nb[..., None, :], theta[..., None, :],
+                          alpha, _PARALLEL_ANGLE)
 
 
 def interpolate_host(a, b, alpha, path: str = "slerp", dtype=None) -> np.ndarray:
@@ -168,9 +176,8 @@ def interpolate_host(a, b, alpha, path: str = "slerp", dtype=None) -> np.ndarray
     if path == "slerp":
         x = slerp_host(a, b, alpha)
     elif path == "linear":
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        alpha = np.asarray(alpha, np.float64)[:, None]
-        x = a[..., None, :] + alpha * (b - a)[..., None, :]
+        x = _linear(np, np.asarray(a, np.float64), np.asarray(b, np.float64),
+                    np.asarray(alpha, np.float64))
     else:
         raise ValueError(f"Unknown path {path!r}; choose one of {PATHS}.")
     return x if dtype is None else x.astype(dtype)

@@ -110,11 +110,9 @@ def sharded(fn, mesh: Mesh, n_replicated: int, n_split: int):
 # ----------------------------------------------------------------------------- collection
 
 def check_site(model: Model, layer: int, site: str) -> int:
-    """Validates a residual site; returns its entry index (:func:`sites.entry_index`)."""
-    if site not in sites_lib.RESIDUAL_SITES:
-        raise ValueError(f"site {site!r}: expected one of {sites_lib.RESIDUAL_SITES} "
-                         "(a residual-stream site, where a perturbed vector can enter the model).")
-    return sites_lib.entry_index(sites_lib.check_layer(layer, model.config), site, model.config)
+    """Validates an entry site (a residual component) of ``layer``; returns its entry index
+    (:func:`plateau_jax.model.sites.entry_index`)."""
+    return sites_lib.entry_index(layer, site, model.config)
 
 
 def site_activations(params, cfg, ids, lengths, layer, *, site: str):

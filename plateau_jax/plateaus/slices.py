@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import numpy as np
 from plateau_jax.model import core
 from plateau_jax.model.core import KVCache
 from plateau_jax.model.model import Model
+from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus.reference import check_site
 
 
@@ -120,13 +121,12 @@ def slice_outputs(params, cfg, cache: KVCache, points, anchor_logits, entry, chu
     pad = n_chunks * chunk - N
     rows = jnp.concatenate([points, jnp.repeat(points[-1:], pad, 0)]) if pad else points
     dtype = params["embed"]["W_E"].dtype
-    lpa = jax.nn.log_softmax(anchor_logits.astype(jnp.float32), axis=-1)  # [K, V]
+    lpa = metrics.log_softmax(anchor_logits.astype(jnp.float32))  # [K, V]
 
     def one(x):  # [chunk, d]
         logits, _ = core.continue_from(params, cfg, cache, x[None].astype(dtype), entry)
         z = logits[0].astype(jnp.float32)
-        lp = jax.nn.log_softmax(z, axis=-1)
-        kl = jnp.sum(jnp.exp(lpa)[:, None] * (lpa[:, None] - lp[None]), axis=-1)
+        kl = metrics.kl_from_log_probs(lpa[:, None], metrics.log_softmax(z)[None])
         dist = jnp.linalg.norm(z[None] - anchor_logits.astype(jnp.float32)[:, None], axis=-1)
         return jnp.argmax(z, axis=-1).astype(jnp.int32), kl, dist
 
@@ -166,8 +166,7 @@ class Slice:
         anchor 0, 1 at anchor 1); needs two anchors."""
         if self.dist.shape[0] < 2:
             raise ValueError("the relative distance needs two anchors; this slice has one.")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return self.dist[0] / (self.dist[0] + self.dist[1])
+        return metrics.relative_from_distances(self.dist[0], self.dist[1])
 
 
 def compute_slice(model: Model, cache: KVCache, plane: Plane, layer: int, site: str,

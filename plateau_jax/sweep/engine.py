@@ -3,17 +3,18 @@
 Data parallel over pairs: a 1-D mesh ``("pairs",)`` over every device (all hosts' under
 ``jax.distributed``), params and Gram matrices replicated, each device running the same program on
 its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
-layer: the layer is a runtime value) does, for every pair: the context's
-keys/values (right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``,
-the ``n`` interpolated vectors through layers ``L+1..``, the reductions of :mod:`.stats` and the
-bisection of :mod:`.refine`; only small curves leave the device.
+layer: the layer is a runtime value) does, for every pair: the context's keys/values
+(right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``
+(:func:`plateau_jax.plateaus.interpolation.endpoints`), the ``n`` interpolated vectors through
+layers ``L+1..``, the reductions of :mod:`plateau_jax.plateaus.metrics` (the curves
+:mod:`.stats` reads) and the bisection of :mod:`.refine`; only small curves leave the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,10 @@ from plateau_jax.jacobians.mlp import mlp_frobenius_gram, mlp_grams
 from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
+from plateau_jax.plateaus import interpolation, metrics
 from plateau_jax.plateaus import paths as paths_lib
-from plateau_jax.sweep import refine, stats
+from plateau_jax.sweep import refine
 
-COMPONENTS = ("resid_post", "resid_mid", "attn_out", "mlp_out", "mlp_post", "mlp_pre")
 AXIS = "pairs"
 REFINE_TARGETS = ("logits", "all")
 
@@ -54,8 +55,9 @@ class SweepSpec:
     refine: str = "logits"
 
     def __post_init__(self):
-        if self.component not in COMPONENTS:
-            raise ValueError(f"component {self.component!r}: expected one of {COMPONENTS}.")
+        if self.component not in sites_lib.VECTOR_COMPONENTS:
+            raise ValueError(f"component {self.component!r}: expected one of "
+                             f"{sites_lib.VECTOR_COMPONENTS}.")
         if self.refine not in REFINE_TARGETS:
             raise ValueError(f"refine {self.refine!r}: expected one of {REFINE_TARGETS}.")
         if self.path not in paths_lib.PATHS:
@@ -96,14 +98,11 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     dtype = params["embed"]["W_E"].dtype
     alpha = spec.alpha
     L = config.n_layer
-    layer = entry // 2 - 1  # interpolation at blocks.{layer}.hook_resid_post
     every = range(L)
     component = sites_lib.local_name(spec.component)
-    # Endpoints: context + token A / B, up to blocks.L.hook_resid_post, one call for both.
-    x0 = core.embed_next(params, config, prefix, jnp.stack([tok_a, tok_b])[None])
-    iv = core.record_layers({"hook_resid_post": every}, L)
-    _, rec = core.continue_from(params, config, prefix, x0, 0, iv)
-    ends = jax.lax.dynamic_index_in_dim(rec["hook_resid_post"], layer, 0, keepdims=False)[0]
+    # Endpoints: context + token A / B at the entry site (blocks.L.hook_resid_post), one call.
+    ends = interpolation.endpoints(params, config, prefix, jnp.stack([tok_a, tok_b])[None],
+                                   entry)[0]
     a, b = ends[0].astype(jnp.float32), ends[1].astype(jnp.float32)
     mlp_in = sites_lib.local_name(sites_lib.mlp_input(config))  # resid_pre if parallel
     curves_iv = core.record_layers({component: every, "mlp.hook_pre": every, mlp_in: every}, L)
@@ -120,14 +119,15 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     mid = rec[mlp_in].astype(jnp.float32)  # [L, n, d]: the MLPs' inputs
     jac = jax.vmap(lambda bp, h, M: mlp_frobenius_gram(bp, config, h, {"M": M}))(
         params["blocks"], mid, grams)
-    r = jnp.concatenate([stats.rel_distance(Y), stats.rel_distance(logits)[None]])  # [L + 1, n]
-    dist = jnp.concatenate([stats.dist_curve(Y), stats.dist_curve(logits)[None]])
-    step = jnp.concatenate([stats.step_norms(Y), stats.step_norms(logits)[None]])
-    lp = jax.nn.log_softmax(logits, axis=-1)  # [n, V]
-    out = dict(r=r, dist=dist, step=step, jac=jac.astype(jnp.float32),
-               hamming=stats.hamming_steps(rec["mlp.hook_pre"]), mid_step=stats.step_norms(mid),
-               kl_a=stats.kl_logp(lp[:1], lp), kl_b=stats.kl_logp(lp[-1:], lp),
-               kl_next=stats.kl_logp(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
+    per_target = lambda f: jnp.concatenate([f(Y), f(logits)[None]])  # [L + 1, ...]
+    lp = metrics.log_softmax(logits)  # [n, V]
+    kl = metrics.kl_from_log_probs
+    out = dict(r=per_target(metrics.relative_distance), dist=per_target(metrics.distance_curve),
+               step=per_target(metrics.step_sizes), jac=jac.astype(jnp.float32),
+               hamming=metrics.spline_hamming(rec["mlp.hook_pre"]),
+               mid_step=metrics.step_sizes(mid), kl_a=kl(lp[:1], lp), kl_b=kl(lp[-1:], lp),
+               kl_next=kl(lp[:-1], lp[1:]), angle=paths_lib.angle(a, b))
+    r = out["r"]
 
     # Extra rows: row i serves target tgt[i] (the L layers, then the logits).
     y0, y1 = Y[:, 0], Y[:, -1]
@@ -138,11 +138,11 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
         t = jnp.clip(tgt, 0, L - 1)
         sel = rc[component].astype(jnp.float32)[t, jnp.arange(m.shape[0])]  # [R, X]
         on_layer = tgt < L
-        r_m = jnp.where(on_layer, stats.rel_distance_to(sel, y0[t], y1[t]),
-                        stats.rel_distance_to(lg, logits[0], logits[-1]))
-        d_m = jnp.where(on_layer, stats.dist_to(sel, y0[t], y1[t]),
-                        stats.dist_to(lg, logits[0], logits[-1]))
-        return r_m, d_m, jax.nn.log_softmax(lg, axis=-1)
+        r_m = jnp.where(on_layer, metrics.relative_distance_to(sel, y0[t], y1[t]),
+                        metrics.relative_distance_to(lg, logits[0], logits[-1]))
+        d_m = jnp.where(on_layer, metrics.distance_to(sel, y0[t], y1[t]),
+                        metrics.distance_to(lg, logits[0], logits[-1]))
+        return r_m, d_m, metrics.log_softmax(lg)
 
     # Refined targets: the logits (row L), or every layer too (spec.refine).
     targets = jnp.arange(L + 1) if spec.refine == "all" else jnp.array([L])
@@ -162,11 +162,11 @@ def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: Sw
     full = lambda v: jnp.full((L + 1,), jnp.nan, v.dtype).at[targets].set(v)
     out.update(kstar=kstar.astype(jnp.int32), ref_lo=full(br.lo), ref_hi=full(br.hi),
                ref_r_lo=full(br.r_lo), ref_r_hi=full(br.r_hi),
-               ref_kl=full(stats.kl_logp(br.aux_lo, br.aux_hi)), win_lo=full(lo),
+               ref_kl=full(kl(br.aux_lo, br.aux_hi)), win_lo=full(lo),
                win_hi=full(hi), win_r_lo=full(r_w[:T]), win_r_hi=full(r_w[T:]),
                win_d_lo=full(d_w[:T]), win_d_hi=full(d_w[T:]))
     refined = jnp.zeros(L + 1, bool).at[targets].set(True)
-    downstream = jnp.arange(L + 1) > layer  # targets: layers, then the logits
+    downstream = jnp.arange(L + 1) >= sites_lib.first_block(entry)  # layers, then the logits
     rows = {k: downstream for k in ("r", "dist", "step")}
     rows.update({k: downstream & refined for k in ("ref_lo", "ref_hi", "ref_kl", "win_lo",
                                                    "win_hi")})

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plateau_jax.plateaus import metrics
+
 
 def n_rounds(alpha, tol: float) -> int:
     """Bisection rounds so that the widest grid step shrinks to <= ``tol`` (0 disables)."""
@@ -54,12 +56,13 @@ class Bracket(NamedTuple):
 
 
 def steepest_step(r, alpha):
-    """Index ``k*`` of the steepest step of ``r`` ``[..., n]`` (NaN slopes never win; first on
-    ties) and the bracket around it. JAX version of the rule in :func:`plateau_jax.plateaus.metrics.boundary`."""
+    """Index ``k*`` of the steepest step of ``r`` ``[..., n]`` and the bracket around it; ``k*``
+    is :func:`plateau_jax.plateaus.metrics.steepest_step`'s (the rule of
+    :func:`~plateau_jax.plateaus.metrics.boundary`: NaN slopes never win, first on ties)."""
+    r = jnp.asarray(r)
+    k, _ = metrics.steepest_step(r, alpha)
     alpha = jnp.asarray(alpha, r.dtype)
-    s = jnp.diff(r, axis=-1) / jnp.diff(alpha)
-    k = jnp.argmax(jnp.where(jnp.isnan(s), -jnp.inf, s), axis=-1)
-    take = lambda v, i: jnp.take_along_axis(v, i[..., None], axis=-1)[..., 0]
+    take = metrics.take_last
     return k, Bracket(alpha[k], alpha[k + 1], take(r, k), take(r, k + 1))
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -229,7 +229,7 @@ def _expand(stat: np.ndarray, layer: int, n_layer: int) -> np.ndarray:
     """``[B, n_layer + 1]`` (every layer, then the logits) with NaN for the layers at or before
     the interpolation layer (never downstream of it)."""
     out = np.array(stat, np.float64)
-    out[:, :layer + 1] = np.nan
+    out[:, :sites_lib.first_layer_after(layer, "resid_post")] = np.nan
     return out
 
 

@@ -1,7 +1,9 @@
 """Per-pair statistics: small curves reduced on device, scalar statistics on the host.
 
-Device side (JAX, inside the sharded call; never returns raw activations): for every recording
-target (each downstream layer's component, then the logits) the relative-distance curve ``r``,
+Device side (JAX, inside the sharded call of :mod:`.engine`, computed with the same functions of
+:mod:`plateau_jax.plateaus.metrics` as the host analysis; never returns raw activations): for
+every recording target (each downstream layer's component, then the logits) the relative-distance
+curve ``r``,
 the distance curve ``d`` and step sizes; for every downstream MLP the exact Jacobian Frobenius
 norm at each step and the spline Hamming counts and the step lengths of the MLP's input
 (``resid_mid``; ``resid_pre`` with a parallel residual); KL of the next-token distributions; the
@@ -45,57 +47,9 @@ from __future__ import annotations
 
 from typing import Dict
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from plateau_jax.plateaus import metrics
-
-# ----------------------------------------------------------------------------- device side
-
-
-def rel_distance(y):
-    """``[..., n, X] -> [..., n]``: |y_k - y_0| / (|y_k - y_0| + |y_k - y_{n-1}|) (JAX)."""
-    da = jnp.linalg.norm(y - y[..., :1, :], axis=-1)
-    db = jnp.linalg.norm(y - y[..., -1:, :], axis=-1)
-    return da / (da + db)
-
-
-def rel_distance_to(y, y0, y1):
-    """Relative distance of points ``y`` ``[..., X]`` to given endpoints ``y0``, ``y1``."""
-    da = jnp.linalg.norm(y - y0, axis=-1)
-    db = jnp.linalg.norm(y - y1, axis=-1)
-    return da / (da + db)
-
-
-def dist_curve(y):
-    """``[..., n, X] -> [..., n]``: |y_k - y_0| / |y_{n-1} - y_0| (JAX)."""
-    d = jnp.linalg.norm(y - y[..., :1, :], axis=-1)
-    return d / d[..., -1:]
-
-
-def dist_to(y, y0, y1):
-    """Distance curve value of points ``y`` ``[..., X]``: |y - y0| / |y1 - y0|."""
-    return jnp.linalg.norm(y - y0, axis=-1) / jnp.linalg.norm(y1 - y0, axis=-1)
-
-
-def step_norms(y):
-    """``[..., n, X] -> [..., n-1]``: |y_{k+1} - y_k|."""
-    return jnp.linalg.norm(jnp.diff(y, axis=-2), axis=-1)
-
-
-def hamming_steps(pre):
-    """``[..., n, m] -> [..., n-1]``: neurons whose sign (pre > 0) flips between steps."""
-    c = pre > 0
-    return jnp.sum(c[..., 1:, :] != c[..., :-1, :], axis=-1).astype(jnp.float32)
-
-
-def kl_logp(lp, lq):
-    """KL(p || q) from log-probabilities over the last axis."""
-    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-
-
-# ----------------------------------------------------------------------------- host side
 
 STAT_NAMES = ("S_r_grid", "S_r_ref", "S_d_grid", "S_d_ref", "alpha_grid", "alpha_ref",
               "ref_width", "width_a", "width_b", "width", "plateau", "kl_boundary_grid",
@@ -114,19 +68,6 @@ def plateau_widths(r, alpha, tol: float = 0.05):
     wa = np.max(np.where(run_a, alpha, 0.0), axis=-1)
     wb = 1.0 - np.min(np.where(run_b, alpha, 1.0), axis=-1)
     return wa, wb
-
-
-def _take(v, k):
-    return np.take_along_axis(v, k[..., None], axis=-1)[..., 0]
-
-
-def _argmax_nan(v):
-    """argmax over the last axis with NaN never winning; (index, value) with value NaN if all NaN."""
-    v = np.asarray(v, np.float64)
-    k = np.argmax(np.where(np.isnan(v), -np.inf, v), axis=-1)
-    val = _take(v, k)
-    allnan = np.all(np.isnan(v), axis=-1)
-    return k, np.where(allnan, np.nan, val)
 
 
 def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
@@ -148,8 +89,7 @@ def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
     nl = curves["jac"].shape[1]
     out = {"S_r_grid": metrics.sharpness(r, alpha), "S_d_grid": metrics.sharpness(f64("dist"), alpha),
            "alpha_grid": metrics.boundary(r, alpha)}
-    s = metrics.slopes(r, alpha)
-    k = np.argmax(np.where(np.isnan(s), -np.inf, s), axis=-1)  # the same k* as boundary()
+    k, _ = metrics.steepest_step(r, alpha)  # the same k* as boundary()
     kl_next = f64("kl_next")
     out["kl_boundary_grid"] = np.where(np.isnan(out["S_r_grid"]), np.nan,
                                        np.take_along_axis(kl_next, k, axis=-1))
@@ -164,12 +104,11 @@ def pair_stats(curves: Dict[str, np.ndarray], alpha, plateau_tol: float = 0.05,
     out["width_a"], out["width_b"], out["width"] = wa, wb, wa + wb
     out["plateau"] = (out["width"] >= plateau_width).astype(np.float64)
     nan_t = np.full((P, T - nl), np.nan)
-    kj, hj = _argmax_nan(curves["jac"])
+    kj, hj = metrics.peak(curves["jac"])
     out["jac_peak_alpha"] = np.concatenate([np.where(np.isnan(hj), np.nan, alpha[kj]), nan_t], 1)
     out["jac_peak"] = np.concatenate([hj, nan_t], 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dens = np.asarray(curves["hamming"], np.float64) / np.asarray(curves["mid_step"], np.float64)
-    ks, hs = _argmax_nan(dens)
+    dens = metrics.ratio(curves["hamming"], curves["mid_step"])  # spline density h_k
+    ks, hs = metrics.peak(dens)
     mid = 0.5 * (alpha[1:] + alpha[:-1])
     out["spline_peak_alpha"] = np.concatenate([np.where(np.isnan(hs), np.nan, mid[ks]), nan_t], 1)
     out["spline_peak"] = np.concatenate([hs, nan_t], 1)
