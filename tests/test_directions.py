@@ -12,7 +12,6 @@ from plateau_jax.plateaus import directions as D
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import reference as R
 from plateau_jax.plateaus import slices as S
-from plateau_fixtures import tiny_model
 
 LAYER, SITE = 1, "resid_pre"
 TEXTS = ["The house was big", "The house was in the city", "The house was large and old",
@@ -23,8 +22,8 @@ TEXTS = ["The house was big", "The house was in the city", "The house was large 
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = tiny_model()
+def setup(plateau_model):
+    model = plateau_model
     prompts, _ = R.tokenize_prompts(model, TEXTS, 32, 2)
     # Enough rows (every position, repeated texts with other last tokens) for a full-rank cov.
     ref_prompts = prompts * 3

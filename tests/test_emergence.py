@@ -14,8 +14,8 @@ from plateau_jax.plateaus import paths
 from plateau_jax.plateaus import prompts
 
 
-def test_mlp_jacobian_norms_match_finite_differences():
-    model = plateau_jax.init_model(testing.tiny_config(), seed=1)
+def test_mlp_jacobian_norms_match_finite_differences(tiny_model):
+    model = tiny_model
     x = np.random.default_rng(0).normal(size=(3, model.config.n_embd)).astype(np.float32)
     norms = emergence.mlp_jacobian_norms(model, 1, x)
     blk = model.block(1)
@@ -63,14 +63,13 @@ def hub_cache(root, repo, snapshots):
 
 
 @pytest.fixture(scope="module")
-def pythia_like(tmp_path_factory):
+def pythia_like(tmp_path_factory, tiny_tokenizer):
     """A tiny GPT-NeoX model at three 'training steps' (different weights) in a hub cache."""
     root = tmp_path_factory.mktemp("revisions")
-    tok = testing.make_tokenizer(str(root / "tok"))
     dirs = {}
     for j, rev in enumerate(("step0", "step512", "step1000")):
         dirs[rev] = str(root / rev)
-        testing.make_checkpoint(dirs[rev], testing.tiny_neox_config(), seed=j, tokenizer=tok,
+        testing.make_checkpoint(dirs[rev], testing.tiny_neox_config(), seed=j, tokenizer=tiny_tokenizer,
                                 scale=1.0 + 2 * j)
     repo = "test-org/pythia-tiny"
     return repo, hub_cache(root, repo, {**dirs, "main": dirs["step1000"]}), dirs

@@ -14,16 +14,16 @@ LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = plateau_jax.testing.tiny_config(n_layer=LAYERS, vocab_size=53)
-    m = plateau_jax.init_model(cfg, seed=1)
-    # larger weights than GPT-2's init make every nonlinearity matter
-    return m.replace(params=jax.tree_util.tree_map(lambda a: a * 4.0, m.params))
+def model(plateau_model):
+    """conftest's tiny model: weights x3 and random norms and biases make every parameter and
+    nonlinearity matter."""
+    assert plateau_model.config.n_layer == LAYERS
+    return plateau_model
 
 
 @pytest.fixture(scope="module")
-def ids():
-    return random_ids(53, (7,), seed=5)
+def ids(model):
+    return random_ids(model.config.vocab_size, (7,), seed=5)
 
 
 def _substituted(model, ids, name, values, sites):
@@ -64,7 +64,7 @@ def test_embed_last_starts_the_whole_model(model, ids):
 
 def test_batched_padded_prefixes(model):
     """Contexts of different lengths, right-padded, equal their unpadded single runs."""
-    ctx = [random_ids(53, (n,), seed=n) for n in (3, 6)]
+    ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (3, 6)]
     padded = np.zeros((2, 6), np.int32)
     for i, c in enumerate(ctx):
         padded[i, :len(c)] = c

@@ -14,7 +14,7 @@ from plateau_jax.jacobians import sweep as jac
 from plateau_jax.jacobians import spectral
 
 sys.path.insert(0, os.path.dirname(__file__))
-from jac_helpers import path_inputs, shared_checkpoint, to_float64  # noqa: E402
+from jac_helpers import path_inputs, to_float64  # noqa: E402
 
 from benchmarks.torch_reference import TorchGPT2  # noqa: E402
 
@@ -36,8 +36,8 @@ def x64():
 
 
 @pytest.fixture(scope="module")
-def f64():
-    d, model = shared_checkpoint()
+def f64(plateau_dir, plateau_model):
+    d, model = plateau_dir, plateau_model
     m64 = to_float64(model)
     prefix, x, ctx = path_inputs(m64, n_steps=N_STEPS)
     out = jac.jacobian_sweep(m64, prefix, x, 0, products=True, stats=("fro", "spec", "topk"),
