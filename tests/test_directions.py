@@ -226,6 +226,7 @@ def _sensitive(setup, **kwargs):
     return model, prompts, ref, base, res
 
 
+@pytest.mark.slow
 def test_sensitive_beats_best_of_1000_random_directions(setup):
     model, prompts, ref, base, res = _sensitive(setup, restarts=2, steps=20, seed=0)
     B, d = base.shape
@@ -291,6 +292,7 @@ def test_response_composes_with_jit_and_grad(setup):
 
 # ----------------------------------------------------------------------------- slices
 
+@pytest.mark.slow
 def test_slice_grid_point_equals_direct_continuation(setup):
     model, prompts, ref, acts, base = setup
     ctx = prompts[0][:-1]

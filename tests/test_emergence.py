@@ -34,6 +34,7 @@ def test_mlp_jacobian_norms_match_finite_differences(tiny_model):
         assert norms[i] == pytest.approx(fd, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_one_pair_on_the_shipped_model():
     model = plateau_jax.load_gpt2("tiny-plateau")
     pair = prompts.encode_pair(model.tokenizer, "The house was", " big", " in",
@@ -75,6 +76,7 @@ def pythia_like(tmp_path_factory, tiny_tokenizer):
     return repo, hub_cache(root, repo, {**dirs, "main": dirs["step1000"]}), dirs
 
 
+@pytest.mark.slow
 def test_revisions_resolve_against_a_local_hub_cache(pythia_like):
     repo, cache, dirs = pythia_like
     for rev in ("step512", "main"):

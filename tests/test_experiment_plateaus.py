@@ -147,6 +147,7 @@ def test_unwritable_output_dir(tmp_path, plateau_dir):
     assert "cannot be written" in str(e.value.code)
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_naming_step_and_layer(tmp_path, plateau_model):
     model = plateau_model
     params = jax.tree_util.tree_map(lambda a: a, model.params)
@@ -176,6 +177,7 @@ def _published(root):
     return cfg, res
 
 
+@pytest.mark.slow
 def test_other_configuration_is_refused_before_any_work(tmp_path, monkeypatch, plateau_dir):
     root = tmp_path / "run"
     base = [f"--model={plateau_dir}", f"--output_dir={root}", "--interp_layers=0",
@@ -191,6 +193,7 @@ def test_other_configuration_is_refused_before_any_work(tmp_path, monkeypatch, p
     assert {f: (root / "plateaus" / f).read_bytes() for f in os.listdir(root / "plateaus")} == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_previous_complete_run(tmp_path, monkeypatch, capsys, plateau_dir):
     """Issue 10, defect 1: --steps=7 published, reruns with --steps=9 --overwrite interrupted by
     SIGINT during compute, between results and figures (plotting), and just before publication
@@ -231,6 +234,7 @@ def test_tilde_in_output_dir_and_model_is_expanded(tmp_path, monkeypatch):
     assert common.script_config("experiments.plateaus")["output_dir"] == str(home / "outdir")
 
 
+@pytest.mark.slow
 def test_float16_overflow_is_named_and_float32_suggested(tmp_path, plateau_model):
     """Issue 10, defect 9: endpoints that overflow float16 are not blamed on the path."""
     model = plateau_model

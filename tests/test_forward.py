@@ -11,6 +11,7 @@ from plateau_jax.model import core
 from conftest import random_ids
 
 LAYERS = 3
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def _substituted(model, ids, name, values, sites):
     return plateau_jax.forward(model, batch, sites=sites, patches={name: values})
 
 
-@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), (0, "resid_post"), (1, "resid_mid"),
-                                         (2, "resid_pre"), (2, "resid_post")])
+@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), pytest.param(0, "resid_post", marks=SLOW),
+                                         (1, "resid_mid"), pytest.param(2, "resid_pre", marks=SLOW),
+                                         pytest.param(2, "resid_post", marks=SLOW)])
 def test_continuation_equals_full_forward_with_substitution(model, ids, layer, where):
     name = site(layer, where)
     _, clean = plateau_jax.forward(model, ids, sites=[name])
@@ -78,6 +80,7 @@ def test_batched_padded_prefixes(model):
             assert np.abs(np.asarray(logits[i, j]) - np.asarray(want[0, -1])).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_continuation_cost_does_not_grow_with_context_beyond_attention(model):
     """FLOPs of the compiled continuation: the growth from a 4- to a 60-token context is the
     attention read alone (2 matmuls of [H, 1, d_head] x [H, d_head, T] per layer and row)."""
@@ -109,6 +112,7 @@ def test_freezing_to_clean_values_reproduces_clean_run(model, ids):
     np.testing.assert_allclose(changed[0, :-1], clean_logits[0, :-1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_identity_block_equals_skipping_it(model, ids):
     p = model.params
     # reference: a 2-layer model built from blocks 0 and 2 only
@@ -125,6 +129,7 @@ def test_identity_block_equals_skipping_it(model, ids):
                             sites=["blocks.1.mlp.hook_post"])
 
 
+@pytest.mark.slow
 def test_swapped_block_params_and_continuation_with_swaps(model, ids):
     p = model.params
     swapped = model.with_block(2, model.block(0))
@@ -148,6 +153,7 @@ def test_swapped_block_params_and_continuation_with_swaps(model, ids):
     np.testing.assert_allclose(cont[0], full[0, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linearized_mlp_is_exact_at_its_point_and_affine(model, ids):
     name = "blocks.1.ln2.hook_normalized"
     _, c = plateau_jax.forward(model, ids, sites=[name, "blocks.1.hook_mlp_out"])
@@ -162,6 +168,7 @@ def test_linearized_mlp_is_exact_at_its_point_and_affine(model, ids):
                                c["blocks.1.hook_mlp_out"][0, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_interventions_compose_with_jit_vmap_and_jacfwd(model, ids):
     name = site(0, "resid_post")
     prefix = plateau_jax.run_prefix(model, ids[:-1])

@@ -1,5 +1,7 @@
 """The vendored GPT-2 tokenizer gives GPT-2's own token ids offline."""
 
+import pytest
+
 import plateau_jax as pj
 from plateau_jax import testing
 
@@ -14,6 +16,7 @@ def test_known_gpt2_token_ids():
     assert tok.decode(ids(" activation plateaus")) == " activation plateaus"
 
 
+@pytest.mark.slow
 def test_study_shaped_model_offline():
     cfg = pj.ModelConfig.preset("gpt2", n_layer=1)  # GPT-2's vocabulary and width, one block
     model = testing.make_checkpoint(None, cfg, tokenizer=pj.gpt2_tokenizer())

@@ -95,6 +95,7 @@ def test_every_jacobian_matches_central_differences_float64(f64):
     print(f"max relative error vs central FD (float64): {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_against_torch_jacrev_the_studys_way(f64):
     model, x, out, rec = f64["model"], f64["x"], f64["out"], f64["rec"]
     tm = TorchGPT2(f64["dir"], f64["ctx"], dtype="float64")
@@ -112,6 +113,7 @@ def test_against_torch_jacrev_the_studys_way(f64):
     print(f"max relative error vs torch.func.jacrev (float64): {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_cumulative_identities_and_no_double_block0(f64):
     model, prefix, x, out = f64["model"], f64["prefix"], f64["x"], f64["out"]
     cum, lay = out["cumulative_full"], out["layer_full"]

@@ -72,8 +72,8 @@ def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
         jax.config.update("jax_enable_x64", old)
 
 
-@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied",
-                                  pytest.param("neox_parallel_quarter_rotary", marks=slow)])
+@slow
+@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied", "neox_parallel_quarter_rotary"])
 def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     """transformers' MLP with its post-attention norm, differentiated by torch.func.jacrev in
     float64 (the study's way), against ours in float32."""
@@ -98,7 +98,8 @@ def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     assert e_closed < 1e-5 and e_gram < 1e-4
 
 
-@pytest.mark.parametrize("family", ["neox", pytest.param("llama", marks=slow)])
+@slow
+@pytest.mark.parametrize("family", ["neox", "llama"])
 def test_sweep_mlp_family_matches_finite_differences(family):
     """jacobian_sweep's "mlp" family (closed-form matrices and Gram norms from one call) against
     central differences of continue_from entering at the MLP's input: resid_pre for NeoX's

@@ -34,7 +34,8 @@ def _full_forward_reference(model, pairs, tokens, x, layer, site, names):
     return last(logits), {k: last(v) for k, v in rec.items()}
 
 
-@pytest.mark.parametrize("layer,site", [(0, "resid_post"), (1, "resid_mid")])
+@pytest.mark.parametrize("layer,site", [(0, "resid_post"),
+                                        pytest.param(1, "resid_mid", marks=pytest.mark.slow)])
 def test_run_equals_full_forward_with_substitution(setup, layer, site):
     model, pairs, prefix, tokens = setup
     ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), [layer], site)[0]
