@@ -44,6 +44,7 @@ from absl import flags
 
 from experiments import common
 from plateau_jax.plateaus import metrics
+from plateau_jax.plotting import emergence as plotting
 
 FLAGS = flags.FLAGS
 
@@ -216,56 +217,12 @@ def random_baseline_offset(n_later_layers: int, n_steps: int, seed=0, trials=200
     return float(np.mean(np.abs(rng.choice(alpha, trials) - rng.choice(b, trials))))
 
 
-def _median_iqr(ax, xs, summ, key, color, label, ylabel, title):
-    """Median over pairs against the training step, with the IQR shaded (log step axis)."""
-    ax.plot(xs, [r[key]["median"] for r in summ], "o-", color=color, label=label)
-    ax.fill_between(xs, [r[key]["q1"] for r in summ], [r[key]["q3"] for r in summ],
-                    color=color, alpha=0.2, label="IQR over pairs")
-    ax.set_xscale("log")
-    ax.set(xlabel="training step (init plotted at 1)", ylabel=ylabel, title=title)
-
-
-def plot(res: dict, path: str, focus: int = 0):
-    """S and alpha* medians/IQRs against the training step, the Jacobian-peak offset, and pair
-    ``focus``'s r(alpha) and deepest-layer Jacobian curves at every step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from plateau_jax import files
-
-    alpha = np.asarray(res["alpha"])
-    steps = [c["step"] for c in res["checkpoints"]]
-    xs = [max(s, 1) for s in steps]
-    fig, (ax_s, ax_a, ax_off, ax_r, ax_j) = plt.subplots(1, 5, figsize=(24, 4.2))
-    summ = res["summary"]
-    _median_iqr(ax_s, xs, summ, "S", "C0", "sharpness S (logits) median", "S",
-                "Sharpness of r(alpha), logits")
-    ax_s.axhline(1.0, color="gray", lw=0.8, ls=":")
-    _median_iqr(ax_a, xs, summ, "boundary_alpha", "C2", "alpha* median", "alpha*",
-                "Boundary alpha* (steepest step of r, logits)")
-    ax_a.set_ylim(0, 1)
-    _median_iqr(ax_off, xs, summ, "mean_peak_offset", "C3", "median over pairs",
-                "|alpha_peak - alpha*|, mean over layers", "MLP Jacobian peak vs boundary")
-    ax_off.axhline(res.get("chance_peak_offset", np.nan), color="gray", ls=":",
-                   label="chance (uniform peak)")
-    cmap = plt.get_cmap("viridis")
-    for j, c in enumerate(res["checkpoints"]):
-        p = c["pairs"][focus]
-        col = cmap(j / max(1, len(steps) - 1))
-        ax_r.plot(alpha, p["r"], color=col, label=f"step {c['step']} (S={p['S']:.1f})")
-        deepest = p["jacobian"][max(p["jacobian"], key=int)]
-        n = np.asarray(deepest["norms"])
-        ax_j.plot(alpha, n / np.mean(n), color=col, label=f"step {c['step']}")
-    lbl = res["checkpoints"][0]["pairs"][focus]["label"]
-    ax_r.set(title=f"r(alpha), logits: {lbl}", xlabel="alpha")
-    deepest_layer = max(res["checkpoints"][0]["pairs"][focus]["jacobian"], key=int)
-    ax_j.set(title=f"MLP Jacobian norm / mean, layer {deepest_layer}", xlabel="alpha")
-    for ax, size in ((ax_s, 8), (ax_a, 8), (ax_off, 8), (ax_r, 7), (ax_j, 7)):
-        ax.legend(fontsize=size)
-    fig.tight_layout()
-    files.atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+def model_name(checkpoints) -> str:
+    """What the figure calls the model: --model, the run directory, or the checkpoints' parent."""
+    if FLAGS.model:
+        return FLAGS.model
+    source = FLAGS.run_dir or os.path.dirname(os.path.normpath(checkpoints[0][1]))
+    return os.path.basename(os.path.normpath(source)) or source
 
 
 @common.cli
@@ -329,7 +286,7 @@ def main(argv):
         files.atomic_write_json(os.path.join(stage, "summary.json"),
                                 dict(summary=res["summary"],
                                      chance_peak_offset=res["chance_peak_offset"]))
-        plot(res, os.path.join(stage, "emergence.png"))
+        plotting.save_all(res, stage, model_name=model_name(ckpts))
         out = pub.commit()
     logging.info("Published %s", out)
 

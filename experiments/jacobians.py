@@ -34,6 +34,7 @@ from plateau_jax.plateaus import interpolation
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import paths
 from plateau_jax.plateaus import prompts
+from plateau_jax.plotting import jacobians as plotting
 
 FLAGS = flags.FLAGS
 
@@ -101,85 +102,6 @@ def run_pair(model, prefix, a, b, opts: jacobians.SweepOptions, grams=None):
     return res, secs
 
 
-def _plot(res, label, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alpha, layers = res["alpha"], res["layers"]
-    cmap = plt.get_cmap("viridis")
-    colors = [cmap(i / max(len(layers) - 1, 1)) for i in range(len(layers))]
-    stat = "fro" if any(k.endswith("_fro") for k in res) else None
-
-    def key_for(name):
-        for s in ("fro", "spec", "fro_hutch"):
-            if f"{name}_{s}" in res:
-                return f"{name}_{s}", s
-        return None, None
-
-    def overlay(ax, r, text="r(logits)"):
-        if r is None:
-            return
-        ax2 = ax.twinx()
-        ax2.plot(alpha, r, "k--", lw=1.2, label=text)
-        ax2.set_ylim(-0.02, 1.02)
-        ax2.set_ylabel(text)
-
-    def panels(names, title, fname, log=False, per_depth_r=False):
-        names = [n for n in names if key_for(n)[0]]
-        if not names:
-            return None
-        fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            key, s = key_for(name)
-            for i, l in enumerate(layers):
-                ax.plot(alpha, res[key][i], color=colors[i], lw=1, label=f"L{l}")
-            ax.set_title(f"{name} ({s} norm)")
-            ax.set_xlabel("alpha")
-            if log:
-                ax.set_yscale("log")
-            overlay(ax, res.get("r_logits"))
-        axes[0][0].set_ylabel("norm")
-        handles, labs = axes[0][0].get_legend_handles_labels()
-        step = max(1, len(labs) // 12)
-        fig.legend(handles[::step], labs[::step], loc="center right", fontsize=7, title="layer")
-        fig.suptitle(f"{label}: {title}")
-        fig.tight_layout(rect=(0, 0, 0.93, 1))
-        path = os.path.join(out_dir, f"{fname}_{label}.{FLAGS.figure_format}")
-        files.atomic_savefig(fig, path, dpi=120)
-        plt.close(fig)
-        return path
-
-    written = [
-        panels(["mlp", "attn", "layer"], "per-layer Jacobian norms", "jac_layers"),
-        panels(["product_mlp", "product_attn"],
-               "study's products of per-layer Jacobians (skip path left out; not end-to-end)",
-               "jac_products", log=True),
-        panels(["cumulative"], "cumulative d resid_post[l] / d x by depth", "jac_cumulative",
-               log=True),
-    ]
-    key, s = key_for("cumulative")
-    if key and "r_resid_post" in res:
-        # sensitivity by depth next to each depth's relative-distance curve
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        im = axes[0].imshow(np.log10(res[key]), aspect="auto", origin="lower",
-                            extent=(alpha[0], alpha[-1], layers[0] - 0.5, layers[-1] + 0.5))
-        fig.colorbar(im, ax=axes[0], label=f"log10 {s} norm")
-        axes[0].set(title="cumulative Jacobian", xlabel="alpha", ylabel="depth (resid_post layer)")
-        im = axes[1].imshow(res["r_resid_post"], aspect="auto", origin="lower", vmin=0, vmax=1,
-                            extent=(alpha[0], alpha[-1], layers[0] - 0.5, layers[-1] + 0.5))
-        fig.colorbar(im, ax=axes[1], label="r(alpha)")
-        axes[1].set(title="relative distance of resid_post", xlabel="alpha")
-        fig.suptitle(label)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"jac_cumulative_depth_{label}.{FLAGS.figure_format}")
-        files.atomic_savefig(fig, path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return [w for w in written if w]
-
-
 def check_layer(n_layer: int) -> None:
     """--layer must leave at least one later layer (the rows of every Jacobian family)."""
     last = n_layer - 2 if FLAGS.site == "resid_post" else n_layer - 1
@@ -243,7 +165,10 @@ def main(argv):
             logging.info("%s: sweep %.2fs", label, secs)
             files.fault_point("write")
             if FLAGS.figures:
-                for f in _plot(res, label, stage):
+                for f in plotting.save_all(res, stage, label=label, model_name=model.name,
+                                           endings=(pair.ending_a, pair.ending_b),
+                                           where=pj.site(FLAGS.layer, FLAGS.site),
+                                           fmt=FLAGS.figure_format):
                     logging.info("figure %s", os.path.basename(f))
         out = pub.commit(extra=common.model_record(model))
     print(f"published: {out}")

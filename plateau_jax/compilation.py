@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _CACHE_ROOT = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
 DEFAULT_CACHE_DIR = os.path.join(_CACHE_ROOT, "plateau_jax", "xla")
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def enable_compilation_cache(path: Optional[str] = DEFAULT_CACHE_DIR) -> Optional[str]:
@@ -53,28 +54,41 @@ def enable_compilation_cache(path: Optional[str] = DEFAULT_CACHE_DIR) -> Optiona
 
 
 class CompileCounter:
-    """Counts the XLA programs compiled (and the seconds spent) inside a ``with`` block.
-
-    Programs read from the persistent cache or already compiled in this process do not count.
+    """Counts the XLA programs compiled inside a ``with`` block (``count``), the programs read
+    from the persistent cache instead (``cache_hits``) and the seconds spent in the backend
+    (``seconds``, loading from the cache included). Programs already compiled in this process
+    count as neither.
     """
 
     _active: list = []
     _registered = False
 
     def __init__(self):
-        self.count = 0
+        self._backend_calls = 0
+        self.cache_hits = 0
         self.seconds = 0.0
 
+    @property
+    def count(self) -> int:
+        return self._backend_calls - self.cache_hits
+
     @classmethod
-    def _listener(cls, event: str, duration: float, **_):
-        if event == _COMPILE_EVENT:
+    def _duration(cls, event: str, duration: float, **_):
+        if event == _COMPILE_EVENT:  # fired for compilations and for cache loads alike
             for counter in cls._active:
-                counter.count += 1
+                counter._backend_calls += 1
                 counter.seconds += duration
+
+    @classmethod
+    def _event(cls, event: str, **_):
+        if event == _CACHE_HIT_EVENT:
+            for counter in cls._active:
+                counter.cache_hits += 1
 
     def __enter__(self) -> "CompileCounter":
         if not CompileCounter._registered:
-            monitoring.register_event_duration_secs_listener(CompileCounter._listener)
+            monitoring.register_event_duration_secs_listener(CompileCounter._duration)
+            monitoring.register_event_listener(CompileCounter._event)
             CompileCounter._registered = True
         CompileCounter._active.append(self)
         self._t0 = time.perf_counter()

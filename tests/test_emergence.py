@@ -109,7 +109,9 @@ def test_emergence_over_revisions(pythia_like, tmp_path):
     assert len(set(S)) == 3  # different weights, different sharpness
     for row in res["summary"]:
         assert row["boundary_alpha"]["q1"] <= row["boundary_alpha"]["median"] <= row["boundary_alpha"]["q3"]
-    emergence.plot(res, str(tmp_path / "emergence.png"))
+    from plateau_jax.plotting import emergence as emergence_plots
+
+    emergence_plots.save_all(res, str(tmp_path), model_name=repo)
     assert (tmp_path / "emergence.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="trailing step"):
         emergence.revision_checkpoints(repo, ["main"])

@@ -1,87 +1,65 @@
 """The study's figures, drawn from the arrays of a plateau results file (see the README).
 
 Every function takes plain arrays (or the loaded ``.npz`` as a dict) and returns a matplotlib
-figure; :func:`save_all` writes the whole set. Conventions: x axis = alpha (0 = endpoint A,
-1 = endpoint B, the endpoint tokens are marked on the top axis); colour = layer, with a colour
-bar; one panel per prompt pair.
+figure; :func:`save_all` writes the whole set. Conventions (:mod:`plateau_jax.plotting.style`):
+x axis = alpha (0 = endpoint A, 1 = endpoint B, the endpoint tokens are marked on the top axis);
+colour = layer (the same colour for the same layer in every figure), with a discrete colour bar;
+one panel per prompt pair; where pairs share a panel, colour = pair and line style = condition.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from plateau_jax.plotting import style
 
-from plateau_jax import files  # noqa: E402
-
-CMAP = "viridis"
 FIGURES = ("downstream_layers", "each_interp_layer", "layers_between", "freezing",
            "step_sizes", "spline_density", "summary")
 
 
-def _pair(endings) -> str:
-    return f"{str(endings[0])!r} → {str(endings[1])!r}"
+def _n_layer(res) -> int:
+    return int(res["r_resid_post"].shape[1])
 
 
-def mark_endpoints(ax, token_a: str, token_b: str) -> None:
-    """Labels alpha = 0 and 1 on a top axis with the endpoint tokens (A and B)."""
-    top = ax.secondary_xaxis("top")
-    top.set_xticks([0.0, 1.0], labels=[f"A: {str(token_a)!r}", f"B: {str(token_b)!r}"])
-    top.tick_params(length=4, labelsize=8)
-    for x in (0.0, 1.0):
-        ax.axvline(x, color="0.8", lw=0.8, zorder=0)
+def _title(fig, res, what: str, interp: bool = True):
+    """Title: ``what``, the model, and where the path runs (interpolation layer, site, path)."""
+    where = (f"interpolation at layer {int(res['layer'])} ({res['site']})" if interp
+             else f"interpolation at {res['site']}")
+    return style.title(fig, what, str(res["model_name"]), f"context {str(res['context'])!r}",
+                       f"{where}, {res['interp_path']} path")
 
 
-def _panels(n: int, width: float = 4.2, height: float = 3.4, rows: int = 1):
-    fig, axes = plt.subplots(rows, n, figsize=(width * n, height * rows), squeeze=False,
-                             constrained_layout=True)
-    return fig, axes
-
-
-def _colorbar(fig, axes, norm, label: str):
-    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=CMAP)
-    cb = fig.colorbar(sm, ax=np.ravel(axes).tolist(), label=label)
-    cb.locator = matplotlib.ticker.MaxNLocator(integer=True)
-    cb.update_ticks()
-    return cb
-
-
-def _layer_norm(layers):
-    layers = list(layers) or [0]
-    return matplotlib.colors.Normalize(min(layers), max(max(layers), min(layers) + 1))
-
-
-def curves_by_layer(ax, x, curves, layers: Sequence[int], norm) -> None:
-    """Draws ``curves`` ``[len(layers), len(x)]`` coloured by layer (NaN rows are skipped)."""
-    cmap = matplotlib.colormaps[CMAP]
+def curves_by_layer(ax, x, curves, layers: Sequence[int], n_layer: int) -> List[int]:
+    """Draws ``curves`` ``[len(layers), len(x)]`` in each layer's colour (NaN rows are
+    skipped); returns the layers drawn."""
+    drawn = []
     for layer, y in zip(layers, curves):
         if np.all(np.isnan(y)):
             continue
-        ax.plot(x, y, color=cmap(norm(layer)), lw=1.2)
+        ax.plot(x, y, color=style.layer_color(layer, n_layer), lw=1.2)
+        drawn.append(int(layer))
+    return drawn
 
 
-def layer_figure(x, curves, layers, endings, *, ylabel: str, title: str, cbar_label: str,
-                 logits=None, xlabel: str = r"interpolation $\alpha$"):
-    """One panel per pair: ``curves`` ``[P, n_layers, len(x)]`` coloured by ``layers``,
-    optionally the logits curve ``[P, len(x)]`` in black. ``endings`` ``[P, 2]``."""
+def layer_figure(x, curves, layers, endings, *, n_layer: int, ylabel: str, cbar_label: str,
+                 logits=None, xlabel: str = style.ALPHA_LABEL):
+    """One panel per pair: ``curves`` ``[P, len(layers), len(x)]`` coloured by layer with a
+    colour bar, optionally the logits curve ``[P, len(x)]`` in black. ``endings`` ``[P, 2]``.
+    The caller sets the title (:func:`plateau_jax.plotting.style.title`)."""
     P = curves.shape[0]
-    fig, axes = _panels(P)
-    norm = _layer_norm(layers)
+    fig, axes = style.figure(1, P, width=5.0, height=3.6)
+    drawn = set()
     for i, ax in enumerate(axes[0]):
-        curves_by_layer(ax, x, curves[i], layers, norm)
+        drawn.update(curves_by_layer(ax, x, curves[i], layers, n_layer))
         if logits is not None:
             ax.plot(x, logits[i], color="k", ls="--", lw=1.5, label="logits")
-            ax.legend(loc="upper left", fontsize=8)
-        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1))
-        ax.set_title(_pair(endings[i]), fontsize=10, pad=18)
-        mark_endpoints(ax, *endings[i])
-    fig.suptitle(title)
-    _colorbar(fig, axes, norm, cbar_label)
+            ax.legend(loc="upper left")
+        style.alpha_axis(ax, endings[i], label=xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(style.pair_name(endings[i]))
+    style.layer_colorbar(fig, axes, sorted(drawn) or list(layers), n_layer, cbar_label)
     return fig
 
 
@@ -90,154 +68,153 @@ def _mid(alpha):
 
 
 def fig_downstream_layers(res):
-    return layer_figure(res["alpha"], res["r_resid_post"], range(res["r_resid_post"].shape[1]),
-                        res["endings"], ylabel="relative distance r (resid_post)",
-                        cbar_label="recording layer", logits=res["r_logits"],
-                        title=f"Interpolating at layer {int(res['layer'])} "
-                              f"({res['site']}): relative distance in each later layer")
+    n_layer = _n_layer(res)
+    fig = layer_figure(res["alpha"], res["r_resid_post"], range(n_layer), res["endings"],
+                       n_layer=n_layer, ylabel="relative distance r (resid_post)",
+                       cbar_label="recording layer", logits=res["r_logits"])
+    return _title(fig, res, "Relative distance r of resid_post in every later layer")
 
 
 def fig_each_interp_layer(res):
-    return layer_figure(res["alpha"], res["each_r_logits"], res["interp_layers"], res["endings"],
-                        ylabel="relative distance r (logits)", cbar_label="interpolation layer",
-                        title="Interpolating at each layer, recording the logits")
+    fig = layer_figure(res["alpha"], res["each_r_logits"], res["interp_layers"], res["endings"],
+                       n_layer=_n_layer(res), ylabel="relative distance r (logits)",
+                       cbar_label="interpolation layer")
+    return _title(fig, res, "Relative distance r of the logits, interpolating at each layer",
+                  interp=False)
 
 
 def fig_layers_between(res):
     """Rows = pairs, columns = N layers between interpolation and recording (resid_post)."""
     r, dists, L = res["dist_r_resid_post"], res["distances"], res["interp_layers"]
+    n_layer = _n_layer(res)
     P, D = r.shape[:2]
-    fig, axes = _panels(D, 3.4, 3.0, rows=P)
-    norm = _layer_norm(L)
+    fig, axes = style.figure(P, D, width=3.4, height=3.0)
+    drawn = set()
     for i in range(P):
         for j in range(D):
             ax = axes[i, j]
-            curves_by_layer(ax, res["alpha"], r[i, j], L, norm)
-            ax.set(xlim=(0, 1), xlabel=r"$\alpha$" if i == P - 1 else None,
-                   ylabel=f"{_pair(res['endings'][i])}\nr (resid_post)" if j == 0 else None)
-            ax.set_title(f"N = {int(dists[j])} layer{'s' if dists[j] > 1 else ''} downstream",
-                         fontsize=9, pad=16)
-            mark_endpoints(ax, *res["endings"][i])
-    fig.suptitle("Recording N layers after the interpolation layer (resid_post)")
-    _colorbar(fig, axes, norm, "interpolation layer")
-    return fig
+            drawn.update(curves_by_layer(ax, res["alpha"], r[i, j], L, n_layer))
+            style.alpha_axis(ax, res["endings"][i],
+                             label=style.ALPHA_LABEL if i == P - 1 else None)
+            if j == 0:
+                ax.set_ylabel(f"{style.pair_name(res['endings'][i])}\nr (resid_post)")
+            ax.set_title(f"N = {int(dists[j])} layer{'s' if dists[j] > 1 else ''} later")
+    style.layer_colorbar(fig, axes, sorted(drawn) or list(L), n_layer, "interpolation layer")
+    return _title(fig, res, "Relative distance r of resid_post N layers after the "
+                            "interpolation layer", interp=False)
+
+
+def _freezing_curves(ax, res, i, label_pair: bool) -> None:
+    """Pair ``i``'s logits r under each freezing condition: the pair's colour, the condition's
+    line style."""
+    for c, cond in enumerate(str(c) for c in res["freeze_conditions"]):
+        label = style.CONDITION_LABELS[cond]
+        ax.plot(res["alpha"], res["frozen_r_logits"][i, c], color=style.pair_color(i),
+                ls=style.CONDITION_LINESTYLES[cond], lw=1.6,
+                label=f"{style.pair_name(res['endings'][i])}, {label}" if label_pair else label)
 
 
 def fig_freezing(res):
     P = res["frozen_r_logits"].shape[0]
-    fig, axes = _panels(P)
-    styles = {"none": ("k", "-", "normal"), "attn": ("tab:blue", "--", "attention frozen"),
-              "mlp": ("tab:red", ":", "MLP frozen")}
+    fig, axes = style.figure(1, P, width=5.0, height=3.6)
     for i, ax in enumerate(axes[0]):
-        for c, cond in enumerate(res["freeze_conditions"]):
-            color, ls, label = styles[str(cond)]
-            ax.plot(res["alpha"], res["frozen_r_logits"][i, c], color=color, ls=ls, lw=1.6,
-                    label=label)
+        _freezing_curves(ax, res, i, label_pair=False)
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, label="straight line")
-        ax.set(xlabel=r"interpolation $\alpha$", ylabel="relative distance r (logits)", xlim=(0, 1))
-        ax.set_title(_pair(res["endings"][i]), fontsize=10, pad=18)
-        ax.legend(fontsize=8)
-        mark_endpoints(ax, *res["endings"][i])
-    fig.suptitle(f"Freezing every later layer's attn_out or mlp_out "
-                 f"(mode: {res['freeze_mode']}; interpolation at layer {int(res['layer'])})")
-    return fig
+        style.alpha_axis(ax, res["endings"][i])
+        ax.set_ylabel("relative distance r (logits)")
+        ax.set_title(style.pair_name(res["endings"][i]))
+        ax.legend(loc="upper left")
+    return _title(fig, res, f"Freezing every later attn_out or mlp_out at its "
+                            f"{res['freeze_mode']} value: r of the logits")
 
 
 def fig_step_sizes(res):
     s = res["step_resid_post"]
     frac = s / np.sum(s, axis=-1, keepdims=True)
-    return layer_figure(_mid(res["alpha"]), frac, range(s.shape[1]), res["endings"],
-                        ylabel="step size / total path length", cbar_label="recording layer",
-                        title=r"Step sizes $\|y(\alpha_{k+1}) - y(\alpha_k)\|$ of resid_post, per layer")
+    fig = layer_figure(_mid(res["alpha"]), frac, range(s.shape[1]), res["endings"],
+                       n_layer=_n_layer(res), ylabel="step size / path length",
+                       cbar_label="recording layer")
+    return _title(fig, res, r"Step sizes $\|y(\alpha_{k+1}) - y(\alpha_k)\|$ of resid_post, "
+                            "as a fraction of the path length")
 
 
 def fig_spline_density(res):
     h = res["spline_density"]
-    return layer_figure(_mid(res["alpha"]), h, range(h.shape[1]), res["endings"],
-                        ylabel="spline density (flips / |Δ resid_mid|)",
-                        cbar_label="layer", title="Spline density per layer")
+    fig = layer_figure(_mid(res["alpha"]), h, range(h.shape[1]), res["endings"],
+                       n_layer=_n_layer(res), ylabel="spline density\n(flips / |Δ MLP input|)",
+                       cbar_label="layer")
+    return _title(fig, res, "Spline density: MLP neurons changing sign per unit of path "
+                            "length in the MLP's input")
 
 
 def fig_summary(res):
     """One page: per-layer curves (first pair), logits r, freezing, KL, sharpness, boundary."""
     alpha, endings = res["alpha"], res["endings"]
     P, n_layer = res["r_resid_post"].shape[:2]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
-    norm = _layer_norm(range(n_layer))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    pair = lambda i: _pair(endings[i])
+    fig, axes = style.figure(2, 3, width=5.0, height=4.0)
+    names = [style.pair_name(e) for e in endings]
 
     ax = axes[0, 0]
-    curves_by_layer(ax, alpha, res["r_resid_post"][0], range(n_layer), norm)
+    drawn = curves_by_layer(ax, alpha, res["r_resid_post"][0], range(n_layer), n_layer)
     ax.plot(alpha, res["r_logits"][0], "k--", lw=1.5, label="logits")
-    ax.set(title=f"r per layer, {pair(0)}", xlabel=r"$\alpha$", ylabel="r (resid_post)", xlim=(0, 1))
-    ax.legend(fontsize=8)
-    mark_endpoints(ax, *endings[0])
-    _colorbar(fig, ax, norm, "layer")
+    ax.set(title=f"r in every later layer, {names[0]}", ylabel="r (resid_post)")
+    ax.legend(loc="upper left")
+    style.alpha_axis(ax, endings[0])
+    style.layer_colorbar(fig, ax, drawn or [0], n_layer, "recording layer")
 
     ax = axes[0, 1]
     for i in range(P):
-        ax.plot(alpha, res["r_logits"][i], color=colors[i % len(colors)], label=pair(i))
-    ax.set(title="logits r", xlabel=r"$\alpha$", ylabel="r (logits)", xlim=(0, 1))
-    ax.legend(fontsize=8)
-    mark_endpoints(ax, "A", "B")
+        ax.plot(alpha, res["r_logits"][i], color=style.pair_color(i), label=names[i])
+    ax.set(title="r of the logits", ylabel="r (logits)")
+    ax.legend(loc="upper left")
+    style.alpha_axis(ax, ("A", "B"))
 
     ax = axes[0, 2]
     for i in range(P):
-        for c, (cond, ls) in enumerate(zip(res["freeze_conditions"], ("-", "--", ":"))):
-            ax.plot(alpha, res["frozen_r_logits"][i, c], color=colors[i % len(colors)], ls=ls,
-                    label=f"{pair(i)}, {'normal' if cond == 'none' else str(cond) + ' frozen'}")
-    ax.set(title=f"freezing ({res['freeze_mode']})", xlabel=r"$\alpha$", ylabel="r (logits)",
-           xlim=(0, 1))
-    ax.legend(fontsize=7)
-    mark_endpoints(ax, "A", "B")
+        _freezing_curves(ax, res, i, label_pair=True)
+    ax.set(title=f"freezing (frozen value: {res['freeze_mode']})", ylabel="r (logits)")
+    style.key_legend(ax, style.pair_colors(names), [(style.CONDITION_LABELS[str(c)],
+                                   style.CONDITION_LINESTYLES[str(c)], None)
+                                  for c in res["freeze_conditions"]])
+    style.alpha_axis(ax, ("A", "B"))
 
     ax = axes[1, 0]
     for i in range(P):
-        ax.plot(alpha, res["kl_logits"][i, 0], color=colors[i % len(colors)], label=f"{pair(i)}: KL(A‖α)")
-        ax.plot(alpha, res["kl_logits"][i, 1], color=colors[i % len(colors)], ls="--",
-                label=f"{pair(i)}: KL(B‖α)")
-    ax.set(title="next-token KL to the endpoints", xlabel=r"$\alpha$", ylabel="KL (nats)", xlim=(0, 1))
-    ax.legend(fontsize=7)
-    mark_endpoints(ax, "A", "B")
+        ax.plot(alpha, res["kl_logits"][i, 0], color=style.pair_color(i))
+        ax.plot(alpha, res["kl_logits"][i, 1], color=style.pair_color(i), ls="--")
+    ax.set(title="next-token KL to the endpoints", ylabel="KL (nats)")
+    style.key_legend(ax, style.pair_colors(names), [("KL(A‖α)", "-", None), ("KL(B‖α)", "--", None)])
+    style.alpha_axis(ax, ("A", "B"))
 
     layers = np.arange(n_layer)
+    kinds = [(f"resid_post, interpolation at {int(res['layer'])}: x = recording layer", "-", "o"),
+             ("logits: x = interpolation layer", "--", "s")]
     for ax, key, ylabel in ((axes[1, 1], "sharpness_r", r"sharpness $S_r$ (on r)"),
                             (axes[1, 2], "boundary", r"boundary $\alpha^*$ (on r)")):
         for i in range(P):
-            ax.plot(layers, res[f"{key}_resid_post"][i], "o-", ms=3, color=colors[i % len(colors)],
-                    label=f"{pair(i)}, interp. at {int(res['layer'])}, vs recording layer")
+            ax.plot(layers, res[f"{key}_resid_post"][i], "o-", ms=3, color=style.pair_color(i))
             ax.plot(res["interp_layers"], res[f"each_{key}_logits"][i], "s--", ms=3,
-                    color=colors[i % len(colors)], alpha=0.6,
-                    label=f"{pair(i)}, logits, vs interpolation layer")
-        ax.set(xlabel="layer", ylabel=ylabel, title=ylabel + " (resid_post / logits)")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
+                    color=style.pair_color(i), alpha=0.6)
+        ax.set(xlabel="layer", ylabel=ylabel, title=ylabel)
+        style.integer_axis(ax, "x")
+    style.key_legend(fig, style.pair_colors(names), kinds, loc="outside lower right",
+                     ncols=len(names) + len(kinds))
     axes[1, 1].axhline(1.0, color="0.6", lw=0.8)
     axes[1, 2].set_ylim(0, 1)
-    fig.suptitle(f"Activation plateaus: {res['model_name']}, context {str(res['context'])!r}, "
-                 f"{res['interp_path']} path, interpolation at layer {int(res['layer'])} ({res['site']})")
-    return fig
+    return _title(fig, res, "Activation plateaus: summary")
 
 
-_BUILDERS = {"downstream_layers": fig_downstream_layers, "each_interp_layer": fig_each_interp_layer,
-             "layers_between": fig_layers_between, "freezing": fig_freezing,
-             "step_sizes": fig_step_sizes, "spline_density": fig_spline_density,
-             "summary": fig_summary}
+BUILDERS = {"downstream_layers": fig_downstream_layers, "each_interp_layer": fig_each_interp_layer,
+            "layers_between": fig_layers_between, "freezing": fig_freezing,
+            "step_sizes": fig_step_sizes, "spline_density": fig_spline_density,
+            "summary": fig_summary}
 
 
 def save_all(res: Dict[str, np.ndarray], output_dir: str, fmt: str = "png",
-             dpi: int = 120) -> List[str]:
+             dpi: Optional[int] = None) -> List[str]:
     """Draws every figure of :data:`FIGURES` from a results dict and saves each atomically as
     ``{output_dir}/{name}.{fmt}``; returns the paths."""
-    paths = []
-    for name in FIGURES:
-        fig = _BUILDERS[name](res)
-        path = os.path.join(output_dir, f"{name}.{fmt}")
-        files.atomic_savefig(fig, path, dpi=dpi)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return style.save_figures(BUILDERS, output_dir, res, fmt=fmt, dpi=dpi)
 
 
 def load_results(path: str) -> Dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Aggregation of a sweep directory: per-pair table, summary (Markdown + CSV), figures.
+"""Aggregation of a sweep directory: per-pair table, summary (Markdown + CSV), figures (drawn by
+:mod:`plateau_jax.plotting.sweep`).
 
 Outputs (published together in ``output_dir/report``, a symlink to a hidden version directory
 replaced atomically, see :class:`plateau_jax.files.Publication`)::
@@ -240,83 +241,6 @@ def summary_markdown(rows: List[dict], manifest: dict, done: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _no_data(ax, text="no successful pairs"):
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
-
-
-def _figures(table, rows, out_dir) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = table["ok"].astype(bool)
-    n_layer = table["_manifest"]["config"]["model"]["config"]["n_layer"]
-    Ls = sorted({r["interp_layer"] for r in rows})
-    written = []
-
-    def save(fig, name):
-        path = os.path.join(out_dir, name)
-        files.atomic_savefig(fig, path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    for ax, curve in zip(axes, ("r", "d")):
-        positive = False
-        for L in Ls:
-            rr = [r for r in rows if r["interp_layer"] == L]
-            x = [n_layer if r["target"] == "logits" else int(r["target"]) for r in rr]
-            for kind, ls in (("ref", "-"), ("grid", "--")):
-                key = f"S_{curve}_{kind}"
-                med = np.array([r[f"{key}_median"] for r in rr], np.float64)
-                positive |= bool(np.any(med[np.isfinite(med)] > 0))
-                line, = ax.plot(x, med, ls, marker="o", label=f"L={L} {key}")
-                if kind == "ref":
-                    ax.fill_between(x, [r[f"{key}_q25"] for r in rr], [r[f"{key}_q75"] for r in rr],
-                                    alpha=0.2, color=line.get_color())
-        if positive:
-            ax.set_yscale("log")
-            ax.legend(fontsize=7)
-        else:
-            _no_data(ax)
-        ax.set_xlabel(f"recording layer ({n_layer} = logits)")
-        ax.set_title(f"S_{curve}: sharpness of {'r (relative distance)' if curve == 'r' else 'd (distance curve)'}")
-    axes[0].set_ylabel("sharpness (median, IQR of refined shaded)")
-    save(fig, "sharpness_by_depth.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for L in Ls:
-        m = ok & (table["interp_layer"] == L) & (table["target"] == "logits")
-        for key in ("alpha_ref", "alpha_grid"):
-            v = table[key][m].astype(float)
-            v = v[np.isfinite(v)]
-            if v.size:
-                ax.hist(v, bins=50, range=(0, 1), histtype="step", label=f"L={L} {key}")
-                drawn = True
-    if drawn:
-        ax.legend(fontsize=7)
-    else:
-        _no_data(ax)
-    ax.set_xlabel("boundary alpha* (logits, located on r)")
-    ax.set_ylabel("pairs")
-    save(fig, "alpha_star_hist.png")
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    m = ok & (table["target"] != "logits")
-    x, y = table["alpha_grid"][m].astype(float), table["jac_peak_alpha"][m].astype(float)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    if np.any(np.isfinite(x) & np.isfinite(y)):
-        sc = ax.scatter(x, y, c=table["depth"][m], s=4, cmap="viridis", alpha=0.5)
-        fig.colorbar(sc, label="recording depth (layers after L)")
-    else:
-        _no_data(ax)
-    ax.set_xlabel("boundary alpha* (grid, on r)")
-    ax.set_ylabel("MLP Jacobian-norm peak alpha")
-    save(fig, "jac_vs_boundary.png")
-    return written
-
-
 def write_report(output_dir: str, figures: bool = True) -> Dict[str, str]:
     """Writes the report into ``output_dir/report`` (published atomically: readers see the old
     report or the new one); returns ``{name: path}`` and ``"complete": "yes"/"no"``."""
@@ -347,7 +271,11 @@ def write_report(output_dir: str, figures: bool = True) -> Dict[str, str]:
                                  summary_markdown(rows, manifest, done).encode())
         names = ["stats.csv", "summary.csv", "summary.md"]
         if figures and rows:
-            names += [os.path.basename(p) for p in _figures(table, rows, stage)]
+            from plateau_jax.plotting import sweep as plotting
+
+            names += [os.path.basename(p) for p in plotting.save_all(
+                table, rows, stage, model_name=manifest["config"]["model"]["name"],
+                n_layer=manifest["config"]["model"]["config"]["n_layer"])]
         link = pub.commit(extra={"completeness": done})
     written = {n: os.path.join(link, n) for n in names}
     written["complete"] = "yes" if done["complete"] else (
