@@ -107,6 +107,7 @@ def test_bad_inputs_fail_before_any_work(setup):
 
 # ----------------------------------------------------------------------------- generators
 
+@pytest.mark.slow
 def test_generators_match_numpy_and_are_seeded(setup):
     model, prompts, ref, acts, base = setup
     B, d = base.shape

@@ -64,6 +64,7 @@ def test_embed_last_starts_the_whole_model(model, ids):
                                full["blocks.1.attn.hook_pattern"][0, :, -1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_padded_prefixes(model):
     """Contexts of different lengths, right-padded, equal their unpadded single runs."""
     ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (3, 6)]
