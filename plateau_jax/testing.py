@@ -62,23 +62,43 @@ def tiny_llama_config(**overrides) -> ModelConfig:
     return ModelConfig.llama(**kw)
 
 
-def make_checkpoint(directory: str, config: Optional[ModelConfig] = None, seed: int = 0,
-                    tokenizer=None, scale: float = 1.0) -> Model:
-    """Writes a random-weight checkpoint (config.json, model.safetensors, tokenizer files).
+def make_checkpoint(directory: Optional[str] = None, config: Optional[ModelConfig] = None,
+                    seed: int = 0, tokenizer=None, scale: float = 1.0,
+                    randomize_norms: bool = False) -> Model:
+    """A random-weight model of ``config`` (default :func:`tiny_config`; any family), written as a
+    checkpoint in the HF layout (config.json, model.safetensors, tokenizer files) when
+    ``directory`` is given. Returns the model as written.
 
-    ``scale`` multiplies every weight matrix's init (larger values give sharper, more
-    plateau-like nonlinear responses in random models). Returns the model as written.
+    The weights are GPT-2's initialisation (:func:`plateau_jax.init_model` with ``seed``);
+    ``scale`` multiplies every weight matrix (larger values give sharper, more plateau-like
+    nonlinear responses in random models). ``randomize_norms`` draws every norm weight (LayerNorm
+    or RMSNorm) from 1 + 0.1 N(0, 1) and every bias from 0.1 N(0, 1) instead of GPT-2's 1 and 0, so
+    that what a test checks depends on them too. With a ``directory`` and no ``tokenizer``, the tiny
+    byte-level BPE (:func:`make_tokenizer`) is trained there; without a ``directory`` nothing is
+    written and the model has ``tokenizer`` (default none).
     """
     import jax
+    import jax.numpy as jnp
+    import numpy as np
 
     from plateau_jax.model.loading import save_model
 
     config = config or tiny_config()
-    if tokenizer is None:
+    if tokenizer is None and directory is not None:
         tokenizer = make_tokenizer(directory, vocab_size=config.vocab_size)
     model = init_model(config, seed=seed, tokenizer=tokenizer)
-    if scale != 1.0:
-        model = model.replace(params=jax.tree_util.tree_map_with_path(
-            lambda path, a: a * scale if path[-1].key.startswith("W_") else a, model.params))
-    save_model(model, directory)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        name = path[-1].key
+        if name.startswith("W_"):
+            return a * scale if scale != 1.0 else a
+        if not randomize_norms:
+            return a
+        base = 1.0 if name == "w" else 0.0  # norm weights are "w", biases "b", "b_Q", ...
+        return jnp.asarray(base + 0.1 * rng.standard_normal(a.shape), a.dtype)
+
+    model = model.replace(params=jax.tree_util.tree_map_with_path(draw, model.params))
+    if directory is not None:
+        save_model(model, directory)
     return model

@@ -11,18 +11,48 @@ import pytest
 from plateau_jax import testing
 
 
+CONTEXT = "The house was"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny byte-level BPE (vocab 400, GPT-2's file format), trained once per session."""
+    return testing.make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+def _checkpoint(tmp_path_factory, name, **kw):
+    """A tiny_config checkpoint with its own tokenizer files in GPT-2's format (vocab.json,
+    merges.txt), as a GPT-2 checkpoint has them."""
+    d = str(tmp_path_factory.mktemp(name))
+    testing.make_checkpoint(d, testing.tiny_config(), **kw)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A tiny random checkpoint (config, safetensors, tokenizer) in the HF layout."""
-    d = str(tmp_path_factory.mktemp("tiny"))
-    testing.make_checkpoint(d, testing.tiny_config(), seed=0)
-    return d
+    """A tiny random GPT-2 checkpoint (3 layers, d 32, d_mlp 48, vocab 400; GPT-2's init) in the
+    HF layout (config, safetensors, tokenizer)."""
+    return _checkpoint(tmp_path_factory, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     import plateau_jax
     return plateau_jax.load_gpt2(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def plateau_dir(tmp_path_factory):
+    """The same tiny shape with weight matrices x3 (sharper, more plateau-like nonlinearities)
+    and random norm weights and biases (every parameter matters): the plateau, Jacobian and
+    script tests' checkpoint."""
+    return _checkpoint(tmp_path_factory, "plateau", seed=3, scale=3.0, randomize_norms=True)
+
+
+@pytest.fixture(scope="session")
+def plateau_model(plateau_dir):
+    import plateau_jax
+    return plateau_jax.load_gpt2(plateau_dir)
 
 
 def torch_gpt2(config_kwargs, seed=0, randomize=True):

@@ -1,6 +1,7 @@
-"""Shared helpers for the Jacobian tests: a path on a tiny model, one shared tiny checkpoint, a
-float64 copy. The study's way of computing Jacobians (torch.func.jacrev on transformers' PyTorch
-GPT-2 with hooks) is benchmarks.torch_reference, shared with the benchmarks."""
+"""Shared helpers for the Jacobian tests: a path on a tiny model, a float64 copy (the checkpoint
+is conftest's ``plateau_dir`` / ``plateau_model``). The study's way of computing Jacobians
+(torch.func.jacrev on transformers' PyTorch GPT-2 with hooks) is benchmarks.torch_reference,
+shared with the benchmarks."""
 
 from __future__ import annotations
 
@@ -20,22 +21,6 @@ def path_inputs(model, context="The house was", a=" big", b=" in", n_steps=5, la
     _, rec = pj.continue_from(model, prefix, e, 0, site="resid_pre", sites=[s])
     x = paths.interpolate(rec[s][0], rec[s][1], paths.alpha_grid(n_steps))
     return prefix, x, ctx
-
-
-_CKPT = {}
-
-
-def shared_checkpoint():
-    """(directory, float32 model): one random tiny checkpoint per test session (creating one
-    costs ~10-15 s, mostly Flax init), with weights x3 for sharper nonlinearities."""
-    if "ckpt" not in _CKPT:
-        import tempfile
-
-        from plateau_jax import testing
-
-        d = tempfile.mkdtemp(prefix="plateau_jac_ckpt_")
-        _CKPT["ckpt"] = (d, testing.make_checkpoint(d, testing.tiny_config(), seed=3, scale=3.0))
-    return _CKPT["ckpt"]
 
 
 def to_float64(model):

@@ -44,6 +44,7 @@ def test_compare_interleaves_cold_then_warm_and_scales_sampled_sides(tmp_path):
                                          "warm_cpu_median_s", "busy_threads"}
 
 
+@pytest.mark.slow
 def test_pin_threads_sets_affinity_in_a_fresh_process():
     code = ("import json, os, sys; sys.path.insert(0, '.'); from benchmarks import harness; "
             "s = harness.pin_threads(1); import torch; harness.configure_torch(); "

@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from plateau_fixtures import tiny_checkpoint_dir
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -49,9 +47,9 @@ def files(tmp_path_factory):
     return d
 
 
-def test_error_format_of_every_script(files, tmp_path):
+def test_error_format_of_every_script(files, tmp_path, plateau_dir):
     out = str(tmp_path / "out")
-    model = f"--model={tiny_checkpoint_dir()}"  # 3 layers
+    model = f"--model={plateau_dir}"  # 3 layers
     unwritable = "--output_dir=/proc/plateau-out"
     cases = {
         "experiments.plateaus": [

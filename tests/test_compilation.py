@@ -15,17 +15,12 @@ from plateau_jax.compilation import CompileCounter, enable_compilation_cache
 from plateau_jax.jacobians import sweep as jac
 from plateau_jax.plateaus import paths, prompts
 
-from plateau_fixtures import CONTEXT
+from conftest import CONTEXT
 
 
 def _model(n_layer, d_model, tokenizer):
     cfg = testing.tiny_config(n_layer=n_layer, d_model=d_model, d_mlp=2 * d_model)
-    return pj.init_model(cfg, seed=0, tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return testing.make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    return testing.make_checkpoint(None, cfg, seed=0, tokenizer=tokenizer)
 
 
 def _study(model):
@@ -54,12 +49,16 @@ def _jacobians(model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", [_study, _jacobians], ids=["study", "jacobian_sweep"])
-def test_program_count_does_not_grow_with_depth(tokenizer, run):
+def test_program_count_does_not_grow_with_depth(tiny_tokenizer, run):
     # A warm-up compiles the programs whose shapes depend on neither depth nor width (alpha
     # grids, ...); the two measured runs have different widths as well as depths, so that no
-    # program of one serves the other.
-    run(_model(3, 24, tokenizer))
-    shallow, deep = run(_model(2, 32, tokenizer)), run(_model(6, 48, tokenizer))
+    # program of one serves the other. A program another test compiled would count for one run
+    # and not the other: the in-memory caches are cleared, and the widths are ones no other test
+    # uses (nor can the persistent cache, which the sweep tests turn on, hold them).
+    import jax
+    jax.clear_caches()
+    run(_model(3, 24, tiny_tokenizer))
+    shallow, deep = run(_model(2, 40, tiny_tokenizer)), run(_model(6, 56, tiny_tokenizer))
     assert shallow == deep, (shallow, deep)
     assert deep <= 40
 

@@ -12,7 +12,6 @@ from plateau_jax.plateaus import directions as D
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import reference as R
 from plateau_jax.plateaus import slices as S
-from plateau_fixtures import tiny_model
 
 LAYER, SITE = 1, "resid_pre"
 TEXTS = ["The house was big", "The house was in the city", "The house was large and old",
@@ -23,8 +22,8 @@ TEXTS = ["The house was big", "The house was in the city", "The house was large 
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = tiny_model()
+def setup(plateau_model):
+    model = plateau_model
     prompts, _ = R.tokenize_prompts(model, TEXTS, 32, 2)
     # Enough rows (every position, repeated texts with other last tokens) for a full-rank cov.
     ref_prompts = prompts * 3
@@ -108,6 +107,7 @@ def test_bad_inputs_fail_before_any_work(setup):
 
 # ----------------------------------------------------------------------------- generators
 
+@pytest.mark.slow
 def test_generators_match_numpy_and_are_seeded(setup):
     model, prompts, ref, acts, base = setup
     B, d = base.shape
@@ -227,6 +227,7 @@ def _sensitive(setup, **kwargs):
     return model, prompts, ref, base, res
 
 
+@pytest.mark.slow
 def test_sensitive_beats_best_of_1000_random_directions(setup):
     model, prompts, ref, base, res = _sensitive(setup, restarts=2, steps=20, seed=0)
     B, d = base.shape
@@ -292,6 +293,7 @@ def test_response_composes_with_jit_and_grad(setup):
 
 # ----------------------------------------------------------------------------- slices
 
+@pytest.mark.slow
 def test_slice_grid_point_equals_direct_continuation(setup):
     model, prompts, ref, acts, base = setup
     ctx = prompts[0][:-1]

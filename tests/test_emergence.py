@@ -14,8 +14,8 @@ from plateau_jax.plateaus import paths
 from plateau_jax.plateaus import prompts
 
 
-def test_mlp_jacobian_norms_match_finite_differences():
-    model = plateau_jax.init_model(testing.tiny_config(), seed=1)
+def test_mlp_jacobian_norms_match_finite_differences(tiny_model):
+    model = tiny_model
     x = np.random.default_rng(0).normal(size=(3, model.config.n_embd)).astype(np.float32)
     norms = emergence.mlp_jacobian_norms(model, 1, x)
     blk = model.block(1)
@@ -34,6 +34,7 @@ def test_mlp_jacobian_norms_match_finite_differences():
         assert norms[i] == pytest.approx(fd, rel=2e-2)
 
 
+@pytest.mark.slow
 def test_one_pair_on_the_shipped_model():
     model = plateau_jax.load_gpt2("tiny-plateau")
     pair = prompts.encode_pair(model.tokenizer, "The house was", " big", " in",
@@ -63,19 +64,19 @@ def hub_cache(root, repo, snapshots):
 
 
 @pytest.fixture(scope="module")
-def pythia_like(tmp_path_factory):
+def pythia_like(tmp_path_factory, tiny_tokenizer):
     """A tiny GPT-NeoX model at three 'training steps' (different weights) in a hub cache."""
     root = tmp_path_factory.mktemp("revisions")
-    tok = testing.make_tokenizer(str(root / "tok"))
     dirs = {}
     for j, rev in enumerate(("step0", "step512", "step1000")):
         dirs[rev] = str(root / rev)
-        testing.make_checkpoint(dirs[rev], testing.tiny_neox_config(), seed=j, tokenizer=tok,
+        testing.make_checkpoint(dirs[rev], testing.tiny_neox_config(), seed=j, tokenizer=tiny_tokenizer,
                                 scale=1.0 + 2 * j)
     repo = "test-org/pythia-tiny"
     return repo, hub_cache(root, repo, {**dirs, "main": dirs["step1000"]}), dirs
 
 
+@pytest.mark.slow
 def test_revisions_resolve_against_a_local_hub_cache(pythia_like):
     repo, cache, dirs = pythia_like
     for rev in ("step512", "main"):

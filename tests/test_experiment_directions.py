@@ -81,13 +81,12 @@ np.savez(sys.argv[2], base=base, kl=res.kl, dist=res.dist, sens=sens.directions)
 
 
 @pytest.mark.slow
-def test_four_devices_equal_one(tmp_path):
+def test_four_devices_equal_one(tmp_path, plateau_dir, plateau_model):
     """Collection, responses and the sensitive search sharded over 4 (simulated) devices, with a
     batch that does not divide evenly, equal the single-device results."""
     import jax
 
     import plateau_jax as pj
-    from plateau_fixtures import tiny_checkpoint_dir
     from plateau_jax.plateaus import directions as D, reference as R
 
     rng = np.random.default_rng(0)
@@ -96,10 +95,10 @@ def test_four_devices_equal_one(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PLATEAU_JAX_NO_PROGRESS="1")
     p = subprocess.run([sys.executable, "-c", _FOUR.format(prompts=prompts),
-                        tiny_checkpoint_dir(), path], cwd=ROOT, env=env, capture_output=True,
+                        plateau_dir, path], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    m = pj.load_gpt2(tiny_checkpoint_dir())
+    m = plateau_model
     prompts = [np.asarray(q, np.int32) for q in prompts]
     base = R.collect_activations(m, prompts, 1, "resid_pre", batch_size=3)
     u = np.asarray(D.random_directions(jax.random.PRNGKey(0), len(prompts), 3, m.config.d_model))

@@ -14,7 +14,6 @@ from experiments import common, plateaus
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus import interpolation
 from plateau_jax.plotting import plateaus as plotting
-from plateau_fixtures import tiny_checkpoint_dir, tiny_model
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +32,9 @@ def _quiet(monkeypatch):
     FLAGS.unparse_flags()
 
 
-def test_end_to_end_writes_every_promised_file(tmp_path):
+def test_end_to_end_writes_every_promised_file(tmp_path, plateau_dir, plateau_model):
     root = tmp_path / "run"
-    _run(f"--model={tiny_checkpoint_dir()}", f"--output_dir={root}", "--steps=6",
+    _run(f"--model={plateau_dir}", f"--output_dir={root}", "--steps=6",
          "--distances=1,2,24", "--freeze_mode=linear")
     out = root / "plateaus"
     assert out.is_symlink()  # published: a link to the one version directory
@@ -67,7 +66,7 @@ def test_end_to_end_writes_every_promised_file(tmp_path):
     np.testing.assert_allclose(res["each_r_logits"][:, 0], res["r_logits"])
     np.testing.assert_allclose(res["frozen_r_logits"][:, 0], res["r_logits"])
     # Interpolating at layer 1, by hand: logits and N = 1 (layer 2's resid_post) must match.
-    model = tiny_model()
+    model = plateau_model
     prefix = plateau_jax.run_prefix(model, res["context_ids"])
     ends = np.asarray(interpolation.endpoint_activations(model, prefix, res["tokens"].ravel(), [1]))[0]
     ends = ends.reshape(P, 2, d)
@@ -120,10 +119,10 @@ def test_study_flagfile_reproduces_the_study_configuration():
     (["--pairs=big:in,big:in"], "given twice"),                                  # issue 10, 6
     (["--distances=0"], "--distances=0: expected positive integers"),
 ])
-def test_bad_input_gives_a_clear_error_and_no_results(tmp_path, args, message):
+def test_bad_input_gives_a_clear_error_and_no_results(tmp_path, args, message, plateau_dir):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        _run(f"--model={tiny_checkpoint_dir()}", f"--output_dir={out}", *args)
+        _run(f"--model={plateau_dir}", f"--output_dir={out}", *args)
     assert message in str(e.value.code)
     assert not (out / "plateaus").exists()
 
@@ -135,7 +134,7 @@ def test_unknown_path_or_freeze_mode_is_refused_by_the_flags():
             FLAGS(["plateaus", "--output_dir=x", bad])
 
 
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, plateau_dir):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
@@ -144,12 +143,13 @@ def test_unwritable_output_dir(tmp_path):
     else:
         target = str(locked / "out")
     with pytest.raises(SystemExit) as e:
-        _run(f"--model={tiny_checkpoint_dir()}", f"--output_dir={target}")
+        _run(f"--model={plateau_dir}", f"--output_dir={target}")
     assert "cannot be written" in str(e.value.code)
 
 
-def test_nan_stops_the_run_naming_step_and_layer(tmp_path):
-    model = tiny_model()
+@pytest.mark.slow
+def test_nan_stops_the_run_naming_step_and_layer(tmp_path, plateau_model):
+    model = plateau_model
     params = jax.tree_util.tree_map(lambda a: a, model.params)
     # finite float16 weights whose layer-1 MLP output overflows float16
     params["blocks"]["mlp"]["b_in"] = params["blocks"]["mlp"]["b_in"].at[1, 0].set(6e4)
@@ -177,9 +177,10 @@ def _published(root):
     return cfg, res
 
 
-def test_other_configuration_is_refused_before_any_work(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_other_configuration_is_refused_before_any_work(tmp_path, monkeypatch, plateau_dir):
     root = tmp_path / "run"
-    base = [f"--model={tiny_checkpoint_dir()}", f"--output_dir={root}", "--interp_layers=0",
+    base = [f"--model={plateau_dir}", f"--output_dir={root}", "--interp_layers=0",
             "--distances=1"]
     _run(*base, "--steps=4")
     before = {f: (root / "plateaus" / f).read_bytes() for f in os.listdir(root / "plateaus")}
@@ -192,13 +193,14 @@ def test_other_configuration_is_refused_before_any_work(tmp_path, monkeypatch):
     assert {f: (root / "plateaus" / f).read_bytes() for f in os.listdir(root / "plateaus")} == before
 
 
-def test_ctrl_c_leaves_the_previous_complete_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_previous_complete_run(tmp_path, monkeypatch, capsys, plateau_dir):
     """Issue 10, defect 1: --steps=7 published, reruns with --steps=9 --overwrite interrupted by
     SIGINT during compute, between results and figures (plotting), and just before publication
     each leave the 7-step run; an uninterrupted rerun replaces it. (SIGKILL: slow tests in
     test_fault_injection.py.)"""
     root = tmp_path / "run"
-    base = [f"--model={tiny_checkpoint_dir()}", f"--output_dir={root}", "--interp_layers=0",
+    base = [f"--model={plateau_dir}", f"--output_dir={root}", "--interp_layers=0",
             "--distances=1"]
     _run(*base, "--steps=7")
     version = os.readlink(root / "plateaus")
@@ -232,9 +234,10 @@ def test_tilde_in_output_dir_and_model_is_expanded(tmp_path, monkeypatch):
     assert common.script_config("experiments.plateaus")["output_dir"] == str(home / "outdir")
 
 
-def test_float16_overflow_is_named_and_float32_suggested(tmp_path):
+@pytest.mark.slow
+def test_float16_overflow_is_named_and_float32_suggested(tmp_path, plateau_model):
     """Issue 10, defect 9: endpoints that overflow float16 are not blamed on the path."""
-    model = tiny_model()
+    model = plateau_model
     params = jax.tree_util.tree_map(lambda a: a, model.params)
     w = np.array(params["blocks"]["mlp"]["W_out"])
     w[0] = np.sign(w[0]) * 6e4  # finite in float16, but layer 0's mlp_out sums 48 such terms:

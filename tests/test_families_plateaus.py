@@ -19,19 +19,13 @@ FAMILIES = {"neox": testing.tiny_neox_config, "llama": testing.tiny_llama_config
 slow = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def model(request):
-    """A random model (weights x3: every nonlinearity matters); no tokenizer."""
-    m = pj.init_model(FAMILIES[request.param](vocab_size=60), seed=4)
-    return m.replace(params=jax.tree_util.tree_map(lambda a: a * 3.0, m.params))
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def checkpoint_model(request, tmp_path_factory):
-    """A random checkpoint with the tiny tokenizer, loaded (prompts need a tokenizer)."""
-    d = str(tmp_path_factory.mktemp(request.param))
-    testing.make_checkpoint(d, FAMILIES[request.param](), seed=4, scale=3.0)
-    return pj.load_model(d)
+# The fast suite runs the Llama-style model (RMSNorm, GQA, SwiGLU, rotary); NeoX is in the slow.
+@pytest.fixture(scope="module", params=["llama", pytest.param("neox", marks=slow)])
+def model(request, tiny_tokenizer):
+    """A random model with the tiny tokenizer (prompts need one): weights x3 and random norms
+    and biases, so that every parameter and nonlinearity matters."""
+    return testing.make_checkpoint(None, FAMILIES[request.param](), seed=4,
+                                   tokenizer=tiny_tokenizer, scale=3.0, randomize_norms=True)
 
 
 @pytest.mark.parametrize("layer,where", [(0, "resid_pre"), pytest.param(1, "resid_post", marks=slow)])
@@ -66,11 +60,10 @@ def test_padded_contexts_put_the_next_token_at_its_rotary_position(model):
 
 
 @slow
-def test_plateau_study_freezing_and_figures(checkpoint_model, tmp_path):
+def test_plateau_study_freezing_and_figures(model, tmp_path):
     from experiments import plateaus as study
     from plateau_jax.plotting import plateaus as plotting
 
-    model = checkpoint_model
     cfg = model.config
     pairs = prompts.encode_pairs(model.tokenizer, "The house was", prompts.parse_pairs("big:in"),
                                  cfg.n_positions)
@@ -92,10 +85,9 @@ def test_plateau_study_freezing_and_figures(checkpoint_model, tmp_path):
 
 
 @slow
-def test_sweep_engine_curves(checkpoint_model):
+def test_sweep_engine_curves(model):
     from sweep_helpers import BATCH, SPEC, batch, one_device_engine
 
-    model = checkpoint_model
     cfg = model.config
     pairs, ids, lengths, ta, tb = batch(model, 2)
     out = one_device_engine(model).run(0, ids, lengths, ta, tb, pad_to=BATCH)
@@ -125,14 +117,14 @@ def test_sweep_engine_curves(checkpoint_model):
 
 
 @slow
-def test_jacobian_script_on_a_parallel_residual_model(checkpoint_model, tmp_path):
+def test_jacobian_script_on_a_parallel_residual_model(model, tmp_path):
     """`python -m experiments.jacobians` end to end (two pairs share the Gram matrices)."""
     import os
     import subprocess
     import sys
 
     d = tmp_path / "ckpt"
-    pj.save_model(checkpoint_model, str(d))
+    pj.save_model(model, str(d))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.jacobians", f"--model={d}", "--steps=5",

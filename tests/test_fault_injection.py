@@ -18,8 +18,6 @@ import tempfile
 import numpy as np
 import pytest
 
-from plateau_fixtures import tiny_checkpoint_dir
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 CACHE = tempfile.mkdtemp(prefix="plateau_jax_fault_xla_")
@@ -79,9 +77,9 @@ def _jacobians_run(root):
     return cfg["steps"]
 
 
-def test_interrupted_plateaus_and_jacobians_runs_leave_a_complete_run(tmp_path):
+def test_interrupted_plateaus_and_jacobians_runs_leave_a_complete_run(tmp_path, plateau_dir):
     root = str(tmp_path / "out")
-    model = f"--model={tiny_checkpoint_dir()}"
+    model = f"--model={plateau_dir}"
     plateaus = ["experiments.plateaus", model, f"--output_dir={root}", "--dtype=bfloat16",
                 "--interp_layers=0", "--distances=1"]
     _expect(_run(plateaus + ["--steps=4"]), None)
@@ -141,9 +139,9 @@ def _sweep_consistent(out, shards_expected):
     return None
 
 
-def test_interrupted_sweep_and_report_and_refused_sweep(tmp_path):
+def test_interrupted_sweep_and_report_and_refused_sweep(tmp_path, plateau_dir):
     out = str(tmp_path / "sweep")
-    sweep = ["experiments.sweep", f"--model={tiny_checkpoint_dir()}", "--generate=random",
+    sweep = ["experiments.sweep", f"--model={plateau_dir}", "--generate=random",
              "--n_pairs=10", "--seed=0", "--n_steps=8", "--tol=0.01", "--sharpness_width=0.05",
              "--batch_size=4", f"--output_dir={out}"]
     _expect(_run(sweep, "compute:SIGINT"), "compute:SIGINT")  # after the first shard

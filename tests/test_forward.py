@@ -11,19 +11,20 @@ from plateau_jax.model import core
 from conftest import random_ids
 
 LAYERS = 3
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = plateau_jax.testing.tiny_config(n_layer=LAYERS, vocab_size=53)
-    m = plateau_jax.init_model(cfg, seed=1)
-    # larger weights than GPT-2's init make every nonlinearity matter
-    return m.replace(params=jax.tree_util.tree_map(lambda a: a * 4.0, m.params))
+def model(plateau_model):
+    """conftest's tiny model: weights x3 and random norms and biases make every parameter and
+    nonlinearity matter."""
+    assert plateau_model.config.n_layer == LAYERS
+    return plateau_model
 
 
 @pytest.fixture(scope="module")
-def ids():
-    return random_ids(53, (7,), seed=5)
+def ids(model):
+    return random_ids(model.config.vocab_size, (7,), seed=5)
 
 
 def _substituted(model, ids, name, values, sites):
@@ -32,8 +33,9 @@ def _substituted(model, ids, name, values, sites):
     return plateau_jax.forward(model, batch, sites=sites, patches={name: values})
 
 
-@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), (0, "resid_post"), (1, "resid_mid"),
-                                         (2, "resid_pre"), (2, "resid_post")])
+@pytest.mark.parametrize("layer,where", [(0, "resid_pre"), pytest.param(0, "resid_post", marks=SLOW),
+                                         (1, "resid_mid"), pytest.param(2, "resid_pre", marks=SLOW),
+                                         pytest.param(2, "resid_post", marks=SLOW)])
 def test_continuation_equals_full_forward_with_substitution(model, ids, layer, where):
     name = site(layer, where)
     _, clean = plateau_jax.forward(model, ids, sites=[name])
@@ -62,9 +64,10 @@ def test_embed_last_starts_the_whole_model(model, ids):
                                full["blocks.1.attn.hook_pattern"][0, :, -1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_padded_prefixes(model):
     """Contexts of different lengths, right-padded, equal their unpadded single runs."""
-    ctx = [random_ids(53, (n,), seed=n) for n in (3, 6)]
+    ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (3, 6)]
     padded = np.zeros((2, 6), np.int32)
     for i, c in enumerate(ctx):
         padded[i, :len(c)] = c
@@ -78,6 +81,7 @@ def test_batched_padded_prefixes(model):
             assert np.abs(np.asarray(logits[i, j]) - np.asarray(want[0, -1])).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_continuation_cost_does_not_grow_with_context_beyond_attention(model):
     """FLOPs of the compiled continuation: the growth from a 4- to a 60-token context is the
     attention read alone (2 matmuls of [H, 1, d_head] x [H, d_head, T] per layer and row)."""
@@ -109,6 +113,7 @@ def test_freezing_to_clean_values_reproduces_clean_run(model, ids):
     np.testing.assert_allclose(changed[0, :-1], clean_logits[0, :-1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_identity_block_equals_skipping_it(model, ids):
     p = model.params
     # reference: a 2-layer model built from blocks 0 and 2 only
@@ -125,6 +130,7 @@ def test_identity_block_equals_skipping_it(model, ids):
                             sites=["blocks.1.mlp.hook_post"])
 
 
+@pytest.mark.slow
 def test_swapped_block_params_and_continuation_with_swaps(model, ids):
     p = model.params
     swapped = model.with_block(2, model.block(0))
@@ -148,6 +154,7 @@ def test_swapped_block_params_and_continuation_with_swaps(model, ids):
     np.testing.assert_allclose(cont[0], full[0, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linearized_mlp_is_exact_at_its_point_and_affine(model, ids):
     name = "blocks.1.ln2.hook_normalized"
     _, c = plateau_jax.forward(model, ids, sites=[name, "blocks.1.hook_mlp_out"])
@@ -162,6 +169,7 @@ def test_linearized_mlp_is_exact_at_its_point_and_affine(model, ids):
                                c["blocks.1.hook_mlp_out"][0, -1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_interventions_compose_with_jit_vmap_and_jacfwd(model, ids):
     name = site(0, "resid_post")
     prefix = plateau_jax.run_prefix(model, ids[:-1])

@@ -1,6 +1,9 @@
 """The vendored GPT-2 tokenizer gives GPT-2's own token ids offline."""
 
+import pytest
+
 import plateau_jax as pj
+from plateau_jax import testing
 
 
 def test_known_gpt2_token_ids():
@@ -13,8 +16,9 @@ def test_known_gpt2_token_ids():
     assert tok.decode(ids(" activation plateaus")) == " activation plateaus"
 
 
+@pytest.mark.slow
 def test_study_shaped_model_offline():
     cfg = pj.ModelConfig.preset("gpt2", n_layer=1)  # GPT-2's vocabulary and width, one block
-    model = pj.init_model(cfg, tokenizer=pj.gpt2_tokenizer())
+    model = testing.make_checkpoint(None, cfg, tokenizer=pj.gpt2_tokenizer())
     logits, _ = pj.forward(model, model.to_tokens("The house was big"))
     assert logits.shape == (1, 4, 50257)

@@ -14,7 +14,7 @@ from plateau_jax.jacobians import sweep as jac
 from plateau_jax.jacobians import spectral
 
 sys.path.insert(0, os.path.dirname(__file__))
-from jac_helpers import path_inputs, shared_checkpoint, to_float64  # noqa: E402
+from jac_helpers import path_inputs, to_float64  # noqa: E402
 
 from benchmarks.torch_reference import TorchGPT2  # noqa: E402
 
@@ -36,8 +36,8 @@ def x64():
 
 
 @pytest.fixture(scope="module")
-def f64():
-    d, model = shared_checkpoint()
+def f64(plateau_dir, plateau_model):
+    d, model = plateau_dir, plateau_model
     m64 = to_float64(model)
     prefix, x, ctx = path_inputs(m64, n_steps=N_STEPS)
     out = jac.jacobian_sweep(m64, prefix, x, 0, products=True, stats=("fro", "spec", "topk"),
@@ -95,6 +95,7 @@ def test_every_jacobian_matches_central_differences_float64(f64):
     print(f"max relative error vs central FD (float64): {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_against_torch_jacrev_the_studys_way(f64):
     model, x, out, rec = f64["model"], f64["x"], f64["out"], f64["rec"]
     tm = TorchGPT2(f64["dir"], f64["ctx"], dtype="float64")
@@ -112,6 +113,7 @@ def test_against_torch_jacrev_the_studys_way(f64):
     print(f"max relative error vs torch.func.jacrev (float64): {worst:.2e}")
 
 
+@pytest.mark.slow
 def test_cumulative_identities_and_no_double_block0(f64):
     model, prefix, x, out = f64["model"], f64["prefix"], f64["x"], f64["out"]
     cum, lay = out["cumulative_full"], out["layer_full"]

@@ -13,9 +13,9 @@ import plateau_jax as pj
 from plateau_jax import testing
 from plateau_jax.jacobians import mlp as mlp_jacobian
 from plateau_jax.jacobians import sweep as jac
-from plateau_jax.model import params as params_lib
 from plateau_jax.model.layers import mlp_part
 from conftest import to_numpy, torch_causal_lm
+from jac_helpers import to_float64
 from test_parity_families import CONFIGS
 
 
@@ -25,17 +25,9 @@ def _rel(a, b):
 
 
 def _random_block(cfg, seed):
-    """One block's params with every leaf random: norm weights around 1, biases around 0."""
-    bp = params_lib.block_params(params_lib.init_params(cfg, jax.random.PRNGKey(seed)), 0)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(bp)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    out = []
-    for (path, a), k in zip(leaves, keys):
-        name = path[-1].key
-        z = jax.random.normal(k, a.shape, a.dtype)
-        out.append(1.0 + 0.3 * z if name == "w" else 0.1 * z if name.startswith("b")
-                   else z / np.sqrt(a.shape[-2]))
-    return jax.tree_util.tree_unflatten(tree, out)
+    """Block 0's params with every leaf random: norm weights around 1, biases around 0, weight
+    matrices N(0, 0.2) (GPT-2's N(0, 0.02) x10: about 1 / sqrt(d_model) for these widths)."""
+    return testing.make_checkpoint(None, cfg, seed=seed, scale=10.0, randomize_norms=True).block(0)
 
 
 slow = pytest.mark.slow
@@ -80,8 +72,8 @@ def test_closed_form_and_gram_norms_equal_autodiff(norm, gated, ln_mode):
         jax.config.update("jax_enable_x64", old)
 
 
-@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied",
-                                  pytest.param("neox_parallel_quarter_rotary", marks=slow)])
+@slow
+@pytest.mark.parametrize("name", ["llama_mqa_biases_head_dim_tied", "neox_parallel_quarter_rotary"])
 def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     """transformers' MLP with its post-attention norm, differentiated by torch.func.jacrev in
     float64 (the study's way), against ours in float32."""
@@ -106,15 +98,15 @@ def test_closed_form_and_gram_norms_equal_torch_jacrev(tmp_path, name):
     assert e_closed < 1e-5 and e_gram < 1e-4
 
 
-@pytest.mark.parametrize("family", ["neox", pytest.param("llama", marks=slow)])
+@slow
+@pytest.mark.parametrize("family", ["neox", "llama"])
 def test_sweep_mlp_family_matches_finite_differences(family):
     """jacobian_sweep's "mlp" family (closed-form matrices and Gram norms from one call) against
     central differences of continue_from entering at the MLP's input: resid_pre for NeoX's
     parallel residual, resid_mid for Llama."""
     cfg = (testing.tiny_neox_config(vocab_size=60) if family == "neox"
            else testing.tiny_llama_config(vocab_size=60, mlp_bias=True))
-    model = pj.init_model(cfg, seed=2)
-    model = model.replace(params=jax.tree_util.tree_map(lambda a: a * 3.0, model.params))
+    model = testing.make_checkpoint(None, cfg, seed=2, scale=3.0, randomize_norms=True)
     prefix = pj.run_prefix(model, np.array([3, 14, 15, 9], np.int32))
     x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (3, cfg.d_model))
     out = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp",), mlp_method="gram",
@@ -145,9 +137,8 @@ def test_every_jacobian_family_matches_central_differences_float64(family):
     try:
         cfg = (testing.tiny_neox_config(vocab_size=60) if family == "neox"
                else testing.tiny_llama_config(vocab_size=60, attn_bias=True))
-        model = pj.init_model(cfg, seed=3)
-        model = model.replace(params=jax.tree_util.tree_map(
-            lambda a: jnp.asarray(a * 3.0, jnp.float64), model.params))
+        model = to_float64(testing.make_checkpoint(None, cfg, seed=3, scale=3.0,
+                                                   randomize_norms=True))
         prefix = pj.run_prefix(model, np.array([5, 8, 13], np.int32))
         x = jax.random.normal(jax.random.PRNGKey(2), (2, cfg.d_model), jnp.float64)
         out = jac.jacobian_sweep(model, prefix, x, 0, full=("mlp", "attn", "layer", "cumulative"))

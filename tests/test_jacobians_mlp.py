@@ -16,7 +16,7 @@ from plateau_jax.jacobians import mlp as mlp_jacobian
 from plateau_jax.model.layers import mlp_part
 
 sys.path.insert(0, os.path.dirname(__file__))
-from jac_helpers import path_inputs, shared_checkpoint  # noqa: E402
+from jac_helpers import path_inputs  # noqa: E402
 
 N_STEPS = 4
 
@@ -26,9 +26,9 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("ln_mode", ["normal", "identity"])
-def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
-    _, model = shared_checkpoint()
+@pytest.mark.parametrize("ln_mode", ["normal", pytest.param("identity", marks=pytest.mark.slow)])
+def test_closed_form_and_gram_norms_match_autodiff(plateau_model, ln_mode):
+    model = plateau_model
     cfg = testing.tiny_config(ln_mode=ln_mode)
     model = model.replace(config=cfg)
     prefix, x, _ = path_inputs(model, n_steps=N_STEPS)
@@ -59,6 +59,7 @@ def test_closed_form_and_gram_norms_match_autodiff(ln_mode):
     print(f"{ln_mode}: closed vs autodiff {worst[0]:.1e}, gram vs dense {worst[1]:.1e}")
 
 
+@pytest.mark.slow
 def test_gram_frobenius_at_larger_width():
     """d=256, m=1024, non-trivial LayerNorm weights, off-centre inputs: float32 stays < 1e-4."""
     cfg = testing.tiny_config(d_model=256, d_mlp=1024, n_head=4, n_layer=1)
@@ -77,8 +78,9 @@ def test_gram_frobenius_at_larger_width():
     assert _rel(gram, np.linalg.norm(np.asarray(dense), axis=(-2, -1))) < 1e-4
 
 
-def test_matrix_free_power_and_hutchinson():
-    _, model = shared_checkpoint()
+@pytest.mark.slow
+def test_matrix_free_power_and_hutchinson(plateau_model):
+    model = plateau_model
     prefix, x, _ = path_inputs(model, n_steps=N_STEPS)
     # full matrices are returned for checking; spec still comes from power iteration
     mf = jac.jacobian_sweep(model, prefix, x, 0, families=("mlp", "layer"), cumulative=False,

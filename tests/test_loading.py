@@ -253,6 +253,7 @@ def test_half_precision_checkpoint_reads_exactly(tmp_path, tiny_dir, tiny_model,
         np.testing.assert_array_equal(got[k], v.astype(np_dtype).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_package_works_with_torch_unimportable(tiny_dir):
     """torch is a test-only reference: with ``import torch`` made to fail, loading (tokenizer
     included) and the forward pass still work."""

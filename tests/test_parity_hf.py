@@ -82,7 +82,8 @@ def test_every_block_site_matches_hf_submodules(tmp_path):
     np.testing.assert_allclose(c2["blocks.1.hook_resid_mid"], mid, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,atol", [("bfloat16", 0.25), ("float16", 0.05)])
+@pytest.mark.parametrize("dtype,atol", [pytest.param("bfloat16", 0.25, marks=pytest.mark.slow),
+                                        ("float16", 0.05)])
 def test_half_precision_close_to_float32(tmp_path, dtype, atol):
     kw = CONFIGS["custom_n_inner"]
     ref = torch_gpt2(kw, seed=5)

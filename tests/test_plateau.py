@@ -9,14 +9,14 @@ from plateau_jax.plateaus import interpolation
 from plateau_jax.plateaus import prompts
 from plateau_jax.model.sites import site_name
 from plateau_jax.plateaus.interpolation import interpolation_run
-from plateau_fixtures import CONTEXT, tiny_model
+from conftest import CONTEXT
 
 ALPHA = np.linspace(0.0, 1.0, 7)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = tiny_model()
+def setup(plateau_model):
+    model = plateau_model
     pairs = prompts.encode_pairs(model.tokenizer, CONTEXT, prompts.parse_pairs("big:in,big:large"),
                                  model.config.n_positions)
     prefix = plateau_jax.run_prefix(model, pairs[0].context_ids)
@@ -35,7 +35,8 @@ def _full_forward_reference(model, pairs, tokens, x, layer, site, names):
     return last(logits), {k: last(v) for k, v in rec.items()}
 
 
-@pytest.mark.parametrize("layer,site", [(0, "resid_post"), (1, "resid_mid")])
+@pytest.mark.parametrize("layer,site", [(0, "resid_post"),
+                                        pytest.param(1, "resid_mid", marks=pytest.mark.slow)])
 def test_run_equals_full_forward_with_substitution(setup, layer, site):
     model, pairs, prefix, tokens = setup
     ends = interpolation.endpoint_activations(model, prefix, tokens.ravel(), [layer], site)[0]
@@ -96,8 +97,10 @@ def test_freezing_to_mean_makes_component_constant(setup, clean, component, othe
     got = np.asarray(frozen.acts[f"{component}_out"])  # [P, layers, n, d]
     want_mean = np.asarray(clean.acts[f"{component}_out"]).mean(axis=-2, keepdims=True)
     np.testing.assert_allclose(got, np.broadcast_to(want_mean, got.shape), rtol=1e-5, atol=1e-6)
-    # The other component and the outputs still vary along the path.
-    assert np.ptp(np.asarray(frozen.acts[f"{other}_out"]), axis=-2).min() > 1e-4
+    # The other component and the outputs still vary along the path: in every pair and layer,
+    # some coordinate moves by far more than the frozen one's tolerance (not every coordinate:
+    # one of 32 may barely move with these random weights).
+    assert np.ptp(np.asarray(frozen.acts[f"{other}_out"]), axis=-2).max(-1).min() > 1e-3
     assert np.all(metrics.step_sizes(frozen.logits) > 0)
     # The last layer's attention reads the frozen earlier layer, so outputs differ from clean.
     assert np.abs(np.asarray(frozen.logits) - np.asarray(clean.logits)).max() > 1e-3

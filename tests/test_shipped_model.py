@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import plateau_jax
+from plateau_jax import testing
 from plateau_jax.training import data
 from plateau_jax.model import loading
 from plateau_jax.model import shipped
@@ -30,12 +31,22 @@ def summary():
 def test_is_registered_and_the_default():
     assert loading.DEFAULT_MODEL == NAME
     directory = loading.resolve_checkpoint(NAME)
-    assert directory == os.path.join(shipped.MODELS_DIR, NAME)
+    # where the package ships it (setup.cfg's package_data), not where shipped.py looks
+    assert os.path.samefile(directory, os.path.join(os.path.dirname(plateau_jax.__file__),
+                                                    "assets", NAME))
     for f in ("config.json", "model.safetensors", "vocab.json", "merges.txt",
               "tokenizer_config.json", "heldout_sample.txt", "LICENSE-WordNet.txt"):
         assert os.path.isfile(os.path.join(directory, f)), f
-    from experiments import common
-    assert common.DEFAULT_MODEL == NAME
+    # the scripts' default: what --model is when no flag is given (not the constant it is set from)
+    from absl import flags
+    from experiments import plateaus  # noqa: F401 (defines the flags)
+    FLAGS = flags.FLAGS
+    FLAGS.unparse_flags()
+    FLAGS(["plateaus", "--output_dir=x"])
+    try:
+        assert FLAGS.model == NAME and not FLAGS["model"].present
+    finally:
+        FLAGS.unparse_flags()
 
 
 def test_loads_offline_without_the_hub(monkeypatch):
@@ -76,7 +87,7 @@ def test_heldout_loss_beats_random_init_and_unigram(model, summary):
     from experiments.train import make_eval
     evaluate = make_eval(model.config, chunk=32)  # one compiled shape for both models
     trained = evaluate(model.params, windows)
-    rand = evaluate(plateau_jax.init_model(model.config, seed=0).params, windows)
+    rand = evaluate(testing.make_checkpoint(None, model.config, seed=0).params, windows)
     assert rand == pytest.approx(np.log(model.config.vocab_size), abs=0.3)
     # Measured on these 64 windows at release (README): trained 4.977, random init 8.352
     # nats/token; on the full held-out split: trained 4.99, unigram 6.72, random init 8.35.

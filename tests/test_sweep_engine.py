@@ -161,6 +161,7 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
     np.testing.assert_allclose(st["S_d_ref"], (out["win_d_hi"] - out["win_d_lo"].astype(np.float64)) / w)
 
 
+@pytest.mark.slow
 def test_refining_the_logits_only_gives_the_same_logits_values(tiny_model, engine_out):
     """refine="logits" (the default) refines the logits target alone, to the same values as
     refine="all" gives it; every layer target's refined values are NaN."""

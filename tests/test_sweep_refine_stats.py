@@ -222,6 +222,7 @@ def _transitions(b0, s):
 GRIDS = (37, 50, 51, 80)
 
 
+@pytest.mark.slow
 def test_refined_sharpness_is_grid_independent_and_converges():
     """Issue 10, defect 13: S_ref, the slope over a fixed width w = 0.02 around the refined
     boundary, is the same on 37, 50, 51 and 80 step grids (relative spread <= 1e-4 at tol 1e-4)

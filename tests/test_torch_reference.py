@@ -12,7 +12,6 @@ from plateau_jax.jacobians import sweep as jac
 from plateau_jax.plateaus import interpolation, paths
 
 sys.path.insert(0, os.path.dirname(__file__))
-from jac_helpers import shared_checkpoint  # noqa: E402
 
 from benchmarks import torch_reference  # noqa: E402
 
@@ -24,8 +23,8 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def test_study_loop_and_full_stack_match_plateau_jax():
-    d, model = shared_checkpoint()
+def test_study_loop_and_full_stack_match_plateau_jax(plateau_dir, plateau_model):
+    d, model = plateau_dir, plateau_model
     ctx = model.to_tokens("The house was")
     ta, tb = int(model.to_tokens(" big")[0]), int(model.to_tokens(" in")[0])
     tm = torch_reference.TorchGPT2(d, ctx)

@@ -77,21 +77,53 @@ def test_float16_final_checkpoint_matches_float32(tiny_run):
                                np.asarray(plateau_jax.forward(model, ids)[0]), atol=0.05)
 
 
-def test_optimizer_warmup_cosine_and_clipping():
-    import jax.numpy as jnp
-    opt, schedule = train_lib.make_optimizer(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1,
-                                             weight_decay=0.0, clip_norm=1.0)
+def test_optimizer_warmup_cosine_schedule():
+    _, schedule = train_lib.make_optimizer(lr=1e-3, warmup=10, steps=110, min_lr_ratio=0.1,
+                                           weight_decay=0.0, clip_norm=1.0)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(60)) == pytest.approx(1e-4 + 0.5 * 0.9e-3, rel=1e-4)
     assert float(schedule(110)) == pytest.approx(1e-4)
-    # Clipping: after clip_by_global_norm the first Adam step is lr * sign(g) regardless of scale.
-    params = {"w": jnp.ones((2, 2))}
+
+
+def _clipped_adam_by_hand(grads, lr, clip_norm, b1=0.9, b2=0.99, eps=1e-8, clip=True):
+    """The updates of global-norm clipping then Adam (no weight decay), step by step in numpy."""
+    m = v = 0.0
+    out = []
+    for t, (g, rate) in enumerate(zip(grads, lr), start=1):
+        norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+        g = np.concatenate([g["w"].ravel(), g["b"].ravel()])
+        if clip and norm > clip_norm:
+            g = g * (clip_norm / norm)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        out.append(-rate * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps))
+    return out
+
+
+def test_optimizer_clips_the_global_norm_before_adam():
+    """Gradients whose global norm swings across the clip bound, past the warm-up: each applied
+    update equals clipping + Adam computed by hand, and differs from Adam without the clipping
+    (Adam alone is invariant to a constant gradient scale, not to these swings)."""
+    import jax.numpy as jnp
+    lr, clip_norm = 1e-2, 1.0
+    opt, schedule = train_lib.make_optimizer(lr=lr, warmup=2, steps=12, min_lr_ratio=0.1,
+                                             weight_decay=0.0, clip_norm=clip_norm)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}
+    grads = [{k: (scale * rng.normal(size=np.shape(p))).astype(np.float32) for k, p in params.items()}
+             for scale in (5e3, 0.05, 40.0, 0.2, 3e4, 0.1, 0.3)]
+    rates = [float(schedule(t)) for t in range(len(grads))]
+    assert rates[0] == 0.0 and min(rates[2:]) > 0.5 * lr  # past warm-up the updates are real
+    want = _clipped_adam_by_hand(grads, rates, clip_norm)
+    unclipped = _clipped_adam_by_hand(grads, rates, clip_norm, clip=False)
     state = opt.init(params)
-    upd_big, _ = opt.update({"w": jnp.full((2, 2), 1e6)}, state, params)
-    upd_small, _ = opt.update({"w": jnp.full((2, 2), 1e-2)}, state, params)
-    np.testing.assert_allclose(np.asarray(upd_big["w"]), np.asarray(upd_small["w"]), rtol=1e-3)
+    for t, g in enumerate(grads):
+        upd, state = opt.update({k: jnp.asarray(x) for k, x in g.items()}, state, params)
+        got = np.concatenate([np.asarray(upd["w"]).ravel(), np.asarray(upd["b"]).ravel()])
+        np.testing.assert_allclose(got, want[t], rtol=2e-4, atol=1e-9, err_msg=f"step {t}")
+        if t >= 2:
+            assert np.abs(unclipped[t] - want[t]).max() > 0.1 * np.abs(want[t]).max(), t
 
 
 def test_decay_mask_spares_biases_and_layernorm():

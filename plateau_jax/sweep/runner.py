@@ -310,7 +310,6 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
                unit="pair", dynamic_ncols=True, smoothing=0.1,
                disable=bool(os.environ.get("PLATEAU_JAX_NO_PROGRESS")) or not (show_progress
                                                                             and primary))
-    delay = float(os.environ.get("PLATEAU_JAX_SWEEP_TEST_DELAY", "0") or 0)
     t0 = time.time()
     computed = 0
     for (L, i), need in zip(units, todo):
@@ -339,8 +338,6 @@ def run_sweep(model: GPT2, pairs: Sequence[Tuple[int, PromptPair]], spec: SweepS
             files.atomic_save_npz(shard_path(output_dir, L, i), **arrays)
         computed += len(chunk)
         bar.update(len(chunk))
-        if delay:
-            time.sleep(delay)
         files.fault_point("compute")
     bar.close()
     dt = time.time() - t0
