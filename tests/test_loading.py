@@ -299,3 +299,107 @@ def test_loading_keeps_one_copy_of_the_weights_in_host_memory(tmp_path):
     size = sum(x.nbytes for x in jax.tree.leaves(params))
     growth = (_rss_bytes("VmHWM:") - before) / size
     assert growth < 1.25, f"peak RSS grew by {growth:.2f}x the params' size"
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+def _copy_without_weights(src, dst):
+    """A checkpoint directory like ``src`` (config and tokenizer files) with no weights."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("size", [0, 4, 50])
+def test_truncated_or_empty_safetensors_names_the_file(tmp_path, tiny_dir, size):
+    """A cut-off download (0, 4 or 50 bytes: no header, a partial length, a partial header) is
+    refused with the file named, not a bare JSON parser message."""
+    d = _copy_without_weights(tiny_dir, tmp_path / "ckpt")
+    with open(os.path.join(tiny_dir, "model.safetensors"), "rb") as f:
+        (d / "model.safetensors").write_bytes(f.read(size))
+    with pytest.raises(CheckpointError) as e:
+        plateau_jax.load_model(str(d))
+    msg = str(e.value)
+    assert str(d / "model.safetensors") in msg and "not a valid safetensors file" in msg, msg
+    assert "Download or convert it again" in msg
+
+
+def test_safetensors_with_its_data_cut_off_names_the_tensor(tmp_path, tiny_dir):
+    d = _copy_without_weights(tiny_dir, tmp_path / "ckpt")
+    with open(os.path.join(tiny_dir, "model.safetensors"), "rb") as f:
+        data = f.read()
+    (d / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"past the end of the \d+-byte file \(truncated"):
+        plateau_jax.load_model(str(d))
+
+
+def test_absurd_header_is_refused_before_anything_is_allocated(tmp_path, tiny_dir):
+    """A header claiming a [200000, 200000] float32 tensor (149 GiB) in a tiny file is refused
+    from the header alone (the test would run out of memory otherwise)."""
+    d = _copy_without_weights(tiny_dir, tmp_path / "ckpt")
+    header = json.dumps({"h.0.attn.c_attn.weight": {
+        "dtype": "F32", "shape": [200000, 200000], "data_offsets": [0, 4 * 200000 ** 2]}}).encode()
+    (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="past the end of the"):
+        plateau_jax.load_model(str(d))
+    # a header length larger than the file
+    (d / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header claims 1000000000000 bytes"):
+        plateau_jax.load_model(str(d))
+
+
+def test_invalid_config_json_names_the_file(tmp_path, tiny_dir):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    (d / "config.json").write_text('{"model_type": "gpt2", "n_layer": 3,')
+    with pytest.raises(CheckpointError) as e:
+        plateau_jax.load_model(str(d))
+    assert str(d / "config.json") in str(e.value) and "not valid JSON" in str(e.value)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        plateau_jax.load_model(str(d))
+
+
+def test_pickle_with_a_non_tensor_global_gets_a_clean_error(tmp_path):
+    """A state dict holding anything but tensors (here a datetime) is refused by the restricted
+    unpickler with the file named and the fix (convert to safetensors)."""
+    import datetime
+    torch.save({"w": torch.ones(2), "when": datetime.date(2020, 1, 1)},
+               tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    with pytest.raises(CheckpointError) as e:
+        plateau_jax.load_model(str(tmp_path), require_tokenizer=False, allow_pickle=True)
+    msg = str(e.value)
+    assert str(tmp_path / "pytorch_model.bin") in msg and "convert" in msg, msg
+
+
+def test_zip_without_data_pkl_gets_a_clean_error(tmp_path):
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/readme.txt", "not a checkpoint")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **KW}))
+    with pytest.raises(CheckpointError, match="no data.pkl inside"):
+        plateau_jax.load_model(str(tmp_path), require_tokenizer=False, allow_pickle=True)
+
+
+def test_unreachable_hub_suggests_hf_download(tmp_path):
+    """Offline, with a model that is not in the (empty) cache: the message names the cache, the
+    files needed and the current CLI (`hf download`, not the removed `huggingface-cli`)."""
+    with pytest.raises(CheckpointError) as e:
+        plateau_jax.load_model("gpt2-large", cache_dir=str(tmp_path), local_files_only=True,
+                               revision="main")
+    msg = str(e.value)
+    assert "hf download gpt2-large --revision main" in msg and str(tmp_path) in msg, msg
+    assert "huggingface-cli" not in msg
+
+
+def test_nan_weights_are_refused_at_load_time_naming_the_tensor(tmp_path, ref):
+    state = {k: v.clone() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.h.1.mlp.c_proj.weight"][3, 2] = float("nan")
+    _write(tmp_path, state, KW)
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_proj\.weight.*NaN or Inf"):
+        plateau_jax.load_model(str(tmp_path), require_tokenizer=False)
+    # a value that fits float32 but overflows float16 is named with the dtype and the fix
+    state["transformer.h.1.mlp.c_proj.weight"][3, 2] = 1e6
+    _write(tmp_path, state, KW)
+    with pytest.raises(CheckpointError, match="as float16.*try dtype float32"):
+        plateau_jax.load_model(str(tmp_path), require_tokenizer=False, dtype="float16")

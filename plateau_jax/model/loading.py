@@ -250,7 +250,8 @@ def load_params(source: TensorSource, cfg: ModelConfig, dtype, directory: str = 
             for path, part in r.split(source.read(name)).items():
                 if path not in bufs:
                     bufs[path] = _aligned_empty((len(names),) + part.shape, dt)
-                bufs[path][i] = part
+                with np.errstate(over="ignore"):  # overflow is reported by _finite, by name
+                    bufs[path][i] = part
         for path, buf in bufs.items():
             _finite(buf, names, dt, directory)
             _set(params, path, jax.device_put(buf if r.per_layer else buf[0]))
