@@ -65,7 +65,7 @@ from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import metrics
 from plateau_jax.plateaus.reference import batch_rows, check_site, pad_prompts, sharded
-from plateau_jax.sweep.engine import make_mesh
+from plateau_jax.sharding import make_mesh
 
 DIRECTION_TYPES = ("real", "random", "matched", "cov_diff", "cov_sample", "mixture", "sensitive",
                    "steering")

@@ -34,7 +34,7 @@ from plateau_jax import files
 from plateau_jax.model import core
 from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
-from plateau_jax.sweep.engine import AXIS, make_mesh
+from plateau_jax.sharding import AXIS, make_mesh
 
 POSITIONS = ("last", "all")
 

@@ -5,5 +5,6 @@ Modules: :mod:`.inputs` (pairs files and generators), :mod:`.engine` (the sharde
 (shards, manifest, resume, errors), :mod:`.report` (aggregation, tables, figures).
 """
 
-from plateau_jax.sweep.engine import SweepEngine, SweepSpec, make_mesh
+from plateau_jax.sharding import make_mesh
+from plateau_jax.sweep.engine import SweepEngine, SweepSpec
 from plateau_jax.sweep.stats import STAT_NAMES, pair_stats

@@ -27,9 +27,9 @@ from plateau_jax.model import sites as sites_lib
 from plateau_jax.model.model import Model
 from plateau_jax.plateaus import interpolation, metrics
 from plateau_jax.plateaus import paths as paths_lib
+from plateau_jax.sharding import AXIS, make_mesh
 from plateau_jax.sweep import refine
 
-AXIS = "pairs"
 REFINE_TARGETS = ("logits", "all")
 
 
@@ -83,12 +83,6 @@ class SweepSpec:
     @property
     def rounds(self) -> int:
         return refine.n_rounds(self.alpha, self.tol)
-
-
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (AXIS,))
 
 
 def _pair_curves(params, grams, prefix, tok_a, tok_b, entry, *, config, spec: SweepSpec):
