@@ -85,6 +85,16 @@ def random_ids(vocab, shape, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
 
 
+def right_padded_contexts(vocab, lengths):
+    """Random contexts of the given lengths (seeded by their length) and their right-padded
+    batch ``[B, max(lengths)]`` (padding id 0)."""
+    ctx = [random_ids(vocab, (n,), seed=n) for n in lengths]
+    padded = np.zeros((len(ctx), max(lengths)), np.int32)
+    for i, c in enumerate(ctx):
+        padded[i, :len(c)] = c
+    return ctx, padded
+
+
 def randomize_torch(model, seed=0):
     """Every parameter of a transformers model redrawn: biases N(0, 0.1), norm weights
     N(1, 0.2), everything else N(0, 0.2), so that parity tests exercise every parameter."""

@@ -11,7 +11,7 @@ import plateau_jax as pj
 from plateau_jax import testing
 from plateau_jax.model.layers import mlp_part
 from plateau_jax.plateaus import interpolation, paths, prompts
-from conftest import random_ids
+from conftest import random_ids, right_padded_contexts
 
 FAMILIES = {"neox": testing.tiny_neox_config, "llama": testing.tiny_llama_config}
 
@@ -47,10 +47,7 @@ def test_continuation_equals_full_forward_with_substitution(model, layer, where)
 
 @slow
 def test_padded_contexts_put_the_next_token_at_its_rotary_position(model):
-    ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (2, 5)]
-    padded = np.zeros((2, 5), np.int32)
-    for i, c in enumerate(ctx):
-        padded[i, :len(c)] = c
+    ctx, padded = right_padded_contexts(model.config.vocab_size, (2, 5))
     prefix = pj.run_prefix(model, padded, lengths=[2, 5])
     last = np.array([[7], [11]])
     logits, _ = pj.continue_from(model, prefix, pj.embed_last(model, prefix, last), 0, "resid_pre")

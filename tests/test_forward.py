@@ -8,7 +8,7 @@ import pytest
 import plateau_jax
 from plateau_jax import UnknownSiteError, site
 from plateau_jax.model import core
-from conftest import random_ids
+from conftest import random_ids, right_padded_contexts
 
 LAYERS = 3
 SLOW = pytest.mark.slow
@@ -67,10 +67,7 @@ def test_embed_last_starts_the_whole_model(model, ids):
 @pytest.mark.slow
 def test_batched_padded_prefixes(model):
     """Contexts of different lengths, right-padded, equal their unpadded single runs."""
-    ctx = [random_ids(model.config.vocab_size, (n,), seed=n) for n in (3, 6)]
-    padded = np.zeros((2, 6), np.int32)
-    for i, c in enumerate(ctx):
-        padded[i, :len(c)] = c
+    ctx, padded = right_padded_contexts(model.config.vocab_size, (3, 6))
     prefix = plateau_jax.run_prefix(model, padded, lengths=[3, 6])
     last = np.array([[4, 9], [17, 2]])
     x = plateau_jax.embed_last(model, prefix, last)  # [2 contexts, 2 rows, d]
