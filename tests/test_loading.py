@@ -278,6 +278,7 @@ def _rss_bytes(field: str) -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs") or jax.default_backend() != "cpu",
                     reason="needs Linux's resettable peak RSS and the CPU backend")
 def test_loading_keeps_one_copy_of_the_weights_in_host_memory(tmp_path):
