@@ -145,6 +145,12 @@ def test_center_writing_weights(tmp_path, ref, ids):
             np.testing.assert_allclose(b, a, atol=1e-4, err_msg=s)
     # plain params untouched, the unembedding keeps the uncentred embedding
     np.testing.assert_array_equal(centred.params["unembed"]["W_U"], plain.params["embed"]["W_E"].T)
+    # the public, pure form gives the same tree and leaves its input as it was
+    before = jax.tree.map(np.array, plain.params)
+    params, config = plateau_jax.apply_center_writing_weights(plain.params, plain.config)
+    assert not config.tie_embeddings
+    jax.tree.map(np.testing.assert_array_equal, params, centred.params)
+    jax.tree.map(np.testing.assert_array_equal, plain.params, before)
 
 
 def _hub_cache(tmp_path, src, repo="test-org/tiny-gpt2"):

@@ -259,6 +259,10 @@ def load_params(source: TensorSource, cfg: ModelConfig, dtype, directory: str = 
     return params
 
 
+_WRITING_WEIGHTS = (("embed", "W_E"), ("pos_embed", "W_pos"), ("blocks", "attn", "W_O"),
+                    ("blocks", "attn", "b_O"), ("blocks", "mlp", "W_out"), ("blocks", "mlp", "b_out"))
+
+
 def apply_center_writing_weights(params, config: ModelConfig):
     """TransformerLens' ``center_writing_weights``: remove the d_model-mean of every weight that
     writes to the residual stream (W_E, W_pos, W_O, b_O, W_out, b_out).
@@ -268,18 +272,23 @@ def apply_center_writing_weights(params, config: ModelConfig):
     The unembedding keeps the uncentred ``W_E`` (as ``unembed/W_U``), so the returned config is
     untied. Returns (params, config); the input tree is not modified.
     """
-    center = lambda a: a - a.mean(axis=-1, keepdims=True)
-    new = dict(params)
+    new = jax.tree.map(lambda a: a, params)  # the same leaves in new dicts
+    return new, _center_writing_weights_in_place(new, config)
+
+
+def _center_writing_weights_in_place(params: dict, config: ModelConfig) -> ModelConfig:
+    """:func:`apply_center_writing_weights` on a tree the caller owns: each weight is replaced as
+    soon as its centred copy exists, so while loading at most one weight (GPT-2 Large's W_out,
+    0.94 GB) exists twice. Returns the untied config."""
     if config.tie_embeddings:
-        new["unembed"] = {"W_U": params["embed"]["W_E"].T}
-    new["embed"] = {"W_E": center(params["embed"]["W_E"])}
-    if "pos_embed" in params:
-        new["pos_embed"] = {"W_pos": center(params["pos_embed"]["W_pos"])}
-    blocks = dict(params["blocks"])
-    for part, names in (("attn", ("W_O", "b_O")), ("mlp", ("W_out", "b_out"))):
-        blocks[part] = {k: center(v) if k in names else v for k, v in blocks[part].items()}
-    new["blocks"] = blocks
-    return new, config.replace(tie_embeddings=False)
+        params["unembed"] = {"W_U": params["embed"]["W_E"].T}
+    for *parents, name in _WRITING_WEIGHTS:
+        node = params
+        for key in parents:
+            node = node.get(key, {})
+        if name in node:
+            node[name] = node[name] - node[name].mean(axis=-1, keepdims=True)
+    return config.replace(tie_embeddings=False)
 
 
 def _warn_if_identity_drops_affine(params, config: ModelConfig, tol: float = 1e-3) -> float:
@@ -363,7 +372,7 @@ def load_model(name_or_path: str, *, dtype="float32", ln_mode: str = "auto",
                         "RMSNorm, which does not remove the mean), centring would change the "
                         "outputs (TransformerLens skips it too).")
         else:
-            params, config = apply_center_writing_weights(params, config)
+            config = _center_writing_weights_in_place(params, config)
     return Model(params=params, config=config, tokenizer=tokenizer, name=os.fspath(name_or_path),
                  matmul_precision=matmul_precision)
 
