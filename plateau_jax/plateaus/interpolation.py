@@ -192,7 +192,7 @@ def interpolation_run(model: Model, prefix: KVCache, a, b, layer: int, alpha, *,
       a, b: ``batch + (d,)`` endpoint vectors (alpha = 0 and 1), e.g. from
         :func:`endpoint_activations`.
       alpha: ``[n]`` grid (see :func:`check_alpha`).
-      path: "slerp" or "linear" (:func:`plateau_jax.paths.interpolate`).
+      path: "slerp" or "linear" (:func:`plateau_jax.plateaus.paths.interpolate`).
       site: the entry site (a residual component): "resid_post" (default), "resid_pre" or
         "resid_mid".
       components: per-layer components to record (short names; default

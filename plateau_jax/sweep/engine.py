@@ -1,6 +1,6 @@
 """The sharded sweep engine: batches of pairs x alpha steps through the prefix-cached continuation.
 
-Data parallel over pairs: a 1-D mesh ``("pairs",)`` over every device (all hosts' under
+Data parallel over pairs: a 1-D mesh (:func:`plateau_jax.sharding.make_mesh`) over every device (all hosts' under
 ``jax.distributed``), params and Gram matrices replicated, each device running the same program on
 its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
 layer: the layer is a runtime value) does, for every pair: the context's keys/values
