@@ -74,7 +74,7 @@ def torch_model(model):
 
     torch.set_num_threads(ARGS.threads)
     with tempfile.TemporaryDirectory() as d:
-        plateau_jax.save_gpt2(model, d)
+        plateau_jax.save_model(model, d)
         return GPT2LMHeadModel.from_pretrained(d, attn_implementation="eager").eval()
 
 
@@ -124,7 +124,7 @@ def main():
     overrides = dict(n_layer=4) if ARGS.quick else {}
     n_base = 16 if ARGS.quick else ARGS.n_base
     n_lengths = 8 if ARGS.quick else ARGS.n_lengths
-    config = plateau_jax.GPT2Config.preset("gpt2", **overrides)
+    config = plateau_jax.ModelConfig.preset("gpt2", **overrides)
     model = plateau_jax.init_model(config, seed=0)
     tm = torch_model(model)
     import torch

@@ -183,8 +183,8 @@ def main():
         e = interpolation.endpoint_activations(model, prefix, tokens[0], [0])[0]
         x_path = paths.interpolate(e[0], e[1], alpha)
         _, rec = pj.continue_from(model, prefix, x_path, 0,
-                                  sites=[pj.site(l, mlp_in) for l in range(1, L)])
-        h_in = {l: torch.tensor(np.asarray(rec[pj.site(l, mlp_in)])) for l in range(1, L)}
+                                  sites=[pj.site_name(l, mlp_in) for l in range(1, L)])
+        h_in = {l: torch.tensor(np.asarray(rec[pj.site_name(l, mlp_in)])) for l in range(1, L)}
         sample = np.linspace(0, args.steps - 1, args.jac_baseline_steps).round().astype(int)
 
         def study_jac():

@@ -90,7 +90,7 @@ def define_overwrite_flag():
                           "such a directory is refused before any work).")
 
 
-def load_model_from_flags() -> plateau_jax.GPT2:
+def load_model_from_flags() -> plateau_jax.Model:
     apply_runtime_flags()
     logging.info("Loading %s", FLAGS.model)
     return plateau_jax.load_model(FLAGS.model, dtype=FLAGS.dtype, ln_mode=FLAGS.ln_mode,
@@ -290,6 +290,6 @@ def open_publication(name: str, *module_names: str) -> files.Publication:
                              overwrite=FLAGS.overwrite, ignore=NOT_CONFIG)
 
 
-def model_record(model: plateau_jax.GPT2) -> dict:
+def model_record(model: plateau_jax.Model) -> dict:
     return {"model_config": model.config.__dict__, "model_name": model.name,
             "model_dtype": str(model.dtype)}

@@ -166,7 +166,7 @@ def main(argv):
             if FLAGS.figures:
                 for f in plotting.save_all(res, stage, label=label, model_name=model.name,
                                            endings=(pair.ending_a, pair.ending_b),
-                                           where=pj.site(FLAGS.layer, FLAGS.site),
+                                           where=pj.site_name(FLAGS.layer, FLAGS.site),
                                            fmt=FLAGS.figure_format):
                     logging.info("figure %s", os.path.basename(f))
         out = pub.commit(extra=common.model_record(model))

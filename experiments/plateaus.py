@@ -235,7 +235,7 @@ def _each_interpolation_layer(study: _Study, main, interp_layers: Sequence[int],
             "dist_r_resid_post": dist_r}
 
 
-def run_study(model: plateau_jax.GPT2, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray, *,
+def run_study(model: plateau_jax.Model, pairs: Sequence[prompts.PromptPair], alpha: np.ndarray, *,
               layer: int, interp_layers: Sequence[int], site: str, path: str, freeze_mode: str,
               freeze_layers: Sequence[int], distances: Sequence[int],
               save_activations: bool = False) -> Dict[str, np.ndarray]:
