@@ -28,8 +28,8 @@ and IQRs over pairs of S, alpha* and the peak offsets), ``emergence.png`` (S and
 and IQRs against the training step, the peak offsets, one pair's curves at every step) and
 ``config.json`` together in ``--output_dir/emergence/`` (staged, then one atomic switch).
 
-Metrics come from :mod:`plateau_jax.plateaus.metrics` (relative distance, sharpness, boundary) and the
-MLP Jacobian norms from the exact Gram path of :mod:`plateau_jax.jacobians.mlp`.
+Metrics come from :mod:`plateau_jax.plateaus.metrics` (relative distance, sharpness,
+boundary) and the MLP Jacobian norms from the exact Gram path of :mod:`plateau_jax.jacobians.mlp`.
 """
 
 from __future__ import annotations

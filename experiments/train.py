@@ -2,7 +2,8 @@ r"""Trains a GPT-2-architecture model from scratch with the project's own Flax m
 
     python -m experiments.train --output_dir=runs/tiny-plateau
 
-Corpus: WordNet 3.0 glosses (``apt-get install wordnet-base``; see :mod:`plateau_jax.training.data`).
+Corpus: WordNet 3.0 glosses (``apt-get install wordnet-base``; see
+:mod:`plateau_jax.training.data`).
 A byte-level BPE is trained on the training split (or read from --tokenizer_dir), the model is
 trained with AdamW (linear warm-up, cosine decay, global-norm clipping), and checkpoints in the
 loader's layout (config.json + model.safetensors + tokenizer files) are written to

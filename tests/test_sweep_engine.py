@@ -150,7 +150,8 @@ def test_curves_and_stats_match_numpy(tiny_model, engine_out):
             np.testing.assert_allclose([out["win_d_lo"][i, t], out["win_d_hi"][i, t]],
                                        da / np.linalg.norm(y_grid[-1] - y_grid[0]), atol=5e-5)
     assert out["finite"].all()
-    # host statistics from these curves are plateau_jax.plateaus.metrics on the same r (tested there)
+    # host statistics from these curves are plateau_jax.plateaus.metrics on the same r
+    # (tested there)
     st = pair_stats(out, alpha)
     np.testing.assert_allclose(st["S_r_grid"], np.max(np.diff(out["r"].astype(np.float64), axis=-1)
                                                       / np.diff(alpha), axis=-1), rtol=1e-12)

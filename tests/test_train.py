@@ -1,5 +1,5 @@
-"""experiments.train and plateau_jax.training.data: a few-step run on a tiny config, the optimiser, the
-corpus reader and the tokenizer (no corpus needed: texts are passed in)."""
+"""experiments.train and plateau_jax.training.data: a few-step run on a tiny config, the
+optimiser, the corpus reader and the tokenizer (no corpus needed: texts are passed in)."""
 
 import json
 import os

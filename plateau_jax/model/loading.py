@@ -259,8 +259,9 @@ def load_params(source: TensorSource, cfg: ModelConfig, dtype, directory: str = 
     return params
 
 
-_WRITING_WEIGHTS = (("embed", "W_E"), ("pos_embed", "W_pos"), ("blocks", "attn", "W_O"),
-                    ("blocks", "attn", "b_O"), ("blocks", "mlp", "W_out"), ("blocks", "mlp", "b_out"))
+_WRITING_WEIGHTS = (("embed", "W_E"), ("pos_embed", "W_pos"),
+                    ("blocks", "attn", "W_O"), ("blocks", "attn", "b_O"),
+                    ("blocks", "mlp", "W_out"), ("blocks", "mlp", "b_out"))
 
 
 def apply_center_writing_weights(params, config: ModelConfig):

@@ -1,14 +1,13 @@
 """The sharded sweep engine: batches of pairs x alpha steps through the prefix-cached continuation.
 
-Data parallel over pairs: a 1-D mesh (:func:`plateau_jax.sharding.make_mesh`) over every device (all hosts' under
-``jax.distributed``), params and Gram matrices replicated, each device running the same program on
-its slice of the batch via ``shard_map``. One compiled call per batch (for every interpolation
-layer: the layer is a runtime value) does, for every pair: the context's keys/values
+Data parallel over pairs: a 1-D mesh (:func:`plateau_jax.sharding.make_mesh`) over every device (all
+hosts' under ``jax.distributed``), params and Gram matrices replicated, each device running the same
+program on its slice of the batch via ``shard_map``. One compiled call per batch (for every
+interpolation layer: the layer is a runtime value) does, for every pair: the context's keys/values
 (right-padded contexts, real ``lengths``), both endpoints at ``blocks.L.hook_resid_post``
 (:func:`plateau_jax.plateaus.interpolation.endpoints`), the ``n`` interpolated vectors through
-layers ``L+1..``, the reductions of :mod:`plateau_jax.plateaus.metrics` (the curves
-:mod:`.stats` reads) and the bisection of :mod:`.refine`; only small curves leave the device.
-"""
+layers ``L+1..``, the reductions of :mod:`plateau_jax.plateaus.metrics` (the curves :mod:`.stats`
+reads) and the bisection of :mod:`.refine`; only small curves leave the device. """
 
 from __future__ import annotations
 

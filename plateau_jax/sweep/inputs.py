@@ -8,8 +8,9 @@ A pairs file has one pair per row: ``context``, ``ending_a`` (alpha = 0), ``endi
   (``a``/``b`` accepted). Quote fields to keep leading spaces: ``"The house was"," big"," in"``.
 
 Endings are appended to the context verbatim (write the leading space: ``" big"``) and must add
-exactly one token each (:func:`plateau_jax.plateaus.prompts.encode_pair`). A row that is malformed or fails
-that check is reported as ``(line, reason)`` and skipped; no row is ever altered.
+exactly one token each (:func:`plateau_jax.plateaus.prompts.encode_pair`). A row that is
+malformed or fails that check is reported as ``(line, reason)`` and skipped; no row is ever
+altered.
 
 Generators return ``(rows, skipped)``: rows ready for :func:`write_pairs_jsonl`, and the
 candidates they had to drop with the reason (e.g. a token that does not survive decoding and
